@@ -1,0 +1,129 @@
+"""The router: what to do with one incoming message.
+
+A command is run (with its permission check) and answered through the adapter; a message the
+bot should answer is recorded and queued; any other message is only recorded as context.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .commands import ADMIN_COMMANDS, parse_command, run_command
+from .errors import ParleyError, QueueFull
+from .types import IncomingMessage, Role
+
+if TYPE_CHECKING:
+    from storage import Repository
+
+    from .config import Settings
+    from .generation import GenerationClient
+    from .queue import GenerationQueue
+
+__all__ = ["Router", "RouteResult", "MAX_MESSAGE_CHARS"]
+
+log = logging.getLogger("parley.router")
+
+# Longer messages are refused outright; anything shorter that still overflows the model's
+# context is trimmed (oldest turns first) by the worker.
+MAX_MESSAGE_CHARS = 16_000
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    """What the router did. `reply`, when set, is a short answer the adapter shows the author
+    (a command's answer, a refusal, "busy"); generated replies come through a ReplyStream."""
+
+    action: str
+    """"ignored", "recorded", "command", "queued", "duplicate", "busy", "refused" or "error"."""
+    reply: str | None = None
+    job_id: int | None = None
+
+
+class Router:
+    """Platform-free core entry point; adapters call `handle` for every incoming message."""
+
+    def __init__(self, settings: Settings, repo: Repository, queue: GenerationQueue, client: GenerationClient) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.queue = queue
+        self.client = client
+        self._bot_usernames: dict[str, str] = {}
+
+    def set_bot_username(self, platform: str, username: str) -> None:
+        """So `/cmd@thisbot` is ours and `/cmd@otherbot` is not."""
+        self._bot_usernames[platform] = username
+
+    async def handle(self, message: IncomingMessage) -> RouteResult:
+        try:
+            return await self._handle(message)
+        except ParleyError as exc:
+            log.warning("could not handle message %s in %s: %s", message.message_id, message.conversation, exc)
+            return RouteResult("error", reply=f"Sorry, I could not handle that: {exc}")
+        except Exception:
+            # The core's one error hook: log with the traceback, tell the user something short.
+            log.exception("unexpected error handling message %s in %s", message.message_id, message.conversation)
+            return RouteResult("error", reply="Sorry, something went wrong on my side. The error was logged.")
+
+    async def _handle(self, message: IncomingMessage) -> RouteResult:
+        if message.author.is_bot:
+            return RouteResult("ignored")
+        text = message.text.strip()
+        if text.startswith("/"):
+            command = parse_command(text, self._bot_usernames.get(message.conversation.platform))
+            if command is None:
+                return RouteResult("ignored")
+            return RouteResult("command", reply=await run_command(self, message, command))
+        if not text:
+            return RouteResult("ignored")
+        if len(text) > MAX_MESSAGE_CHARS:
+            return RouteResult(
+                "refused", reply=f"That message is too long ({len(text)} characters; the limit is {MAX_MESSAGE_CHARS})."
+            )
+        conversation = await self.conversation_for(message)
+        if not message.addressed:
+            await self.repo.record_message(
+                conversation.id,
+                role=Role.USER.value,
+                author_id=message.author.id,
+                author_name=message.author.name,
+                text=text,
+                platform_message_id=message.message_id,
+                reply_to=message.reply_to,
+                created_at=message.sent_at,
+            )
+            return RouteResult("recorded")
+        try:
+            job, created = await self.queue.enqueue(conversation.id, message, text)
+        except QueueFull as exc:
+            return RouteResult("busy", reply=str(exc))
+        if not created:
+            return RouteResult("duplicate", job_id=job.id if job else None)
+        return RouteResult("queued", job_id=job.id if job else None)
+
+    async def wait_for(self, job_id: int) -> str:
+        """Wait until a job is done, failed or cancelled; returns that status."""
+        return await self.queue.wait_for(job_id)
+
+    async def conversation_for(self, message: IncomingMessage):  # noqa: ANN201 - storage's Conversation
+        return await self.repo.get_or_create_conversation(message.conversation, is_direct=message.is_direct)
+
+    def may_administer(self, message: IncomingMessage) -> bool:
+        """DESIGN's rule: in a direct chat the user is the admin of their own conversation; in a
+        shared one only the people the adapter marked as admins."""
+        return message.is_direct or message.author.is_admin
+
+    def refusal(self, command: str) -> str:
+        assert command in ADMIN_COMMANDS
+        return f"Only admins can use /{command} here. Nothing was changed."
+
+    async def audit(self, message: IncomingMessage, conversation_id: int, action: str, detail: str) -> None:
+        await self.repo.audit(
+            conversation_id,
+            platform=message.conversation.platform,
+            actor_id=message.author.id,
+            actor_name=message.author.name,
+            action=action,
+            detail=detail,
+        )
