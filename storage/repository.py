@@ -1,0 +1,479 @@
+"""The storage functions the core (router, commands, queue) calls.
+
+Every method is one transaction of its own. Results are ORM objects of `storage.models`, loaded
+completely and detached from their session (`expire_on_commit=False`): read them freely, but
+changing an attribute changes nothing in the database — call a method here instead. They have no
+relationships to lazy-load, so nothing touches the database after a method returns.
+
+Database failures (unreachable, locked past the busy timeout, a constraint broken) surface as
+`StorageError`; a missing row that a method must act on is `RecordNotFound`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot.errors import QueueFull, StorageError
+from bot.types import ConversationKey, JobStatus, Role
+
+from .db import WRITE_OPTION, _describe
+from .models import PENDING_STATUSES, AuditEntry, Conversation, Job, Message, utcnow
+
+__all__ = ["Repository", "RecordNotFound", "UNCHANGED", "Unchanged", "GENERATION_KEYS"]
+
+GENERATION_KEYS: Final = frozenset({"temperature", "top_p", "max_new_tokens"})
+
+
+class Unchanged(enum.Enum):
+    """Type of `UNCHANGED`, the "leave this value as it is" argument."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED: Final = Unchanged.UNCHANGED
+
+
+class RecordNotFound(StorageError, LookupError):
+    """The conversation or job a method must change does not exist."""
+
+
+class Repository:
+    """Parley's storage operations over an `async_sessionmaker` (`Database.sessions`)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _transaction(self, *, write: bool) -> AsyncIterator[AsyncSession]:
+        try:
+            async with self._sessions() as session, session.begin():
+                # The first connection use decides how the transaction begins: BEGIN IMMEDIATE on
+                # SQLite for writers (see storage.db), so read-then-write steps cannot interleave.
+                await session.connection(execution_options={WRITE_OPTION: write})
+                yield session
+        except SQLAlchemyError as exc:
+            raise StorageError(f"database error: {_describe(exc)}") from exc
+
+    @staticmethod
+    def _insert(session: AsyncSession, model: type[Any]) -> Any:
+        """A dialect-aware INSERT that supports `on_conflict_do_nothing`, or None for other dialects."""
+        dialect = session.get_bind().dialect.name
+        if dialect == "sqlite":
+            return sqlite.insert(model)
+        if dialect == "postgresql":
+            return postgresql.insert(model)
+        return None
+
+    # -- conversations --------------------------------------------------------------------------
+
+    async def get_or_create_conversation(self, key: ConversationKey, *, is_direct: bool) -> Conversation:
+        """The conversation for `key`, created on first sight. Safe when callers race for it.
+
+        `is_direct` only matters on creation; an existing conversation keeps its own.
+        """
+        async with self._transaction(write=True) as session:
+            values = {"platform": key.platform, "key": key.key, "is_direct": is_direct}
+            insert = self._insert(session, Conversation)
+            if insert is not None:
+                await session.execute(insert.values(**values).on_conflict_do_nothing(index_elements=["platform", "key"]))
+            else:
+                await self._insert_ignoring_duplicate(session, Conversation(**values))
+            query = select(Conversation).where(Conversation.platform == key.platform, Conversation.key == key.key)
+            return (await session.scalars(query)).one()
+
+    async def get_conversation(self, conversation_id: int) -> Conversation | None:
+        async with self._transaction(write=False) as session:
+            return await session.get(Conversation, conversation_id)
+
+    async def set_system_prompt(self, conversation_id: int, text: str | None) -> Conversation:
+        """Set the conversation's system prompt; None returns it to the configured default."""
+        return await self._update_conversation(conversation_id, {"system_prompt": text})
+
+    async def set_generation(self, conversation_id: int, **values: float | int | None) -> Conversation:
+        """Set any of temperature, top_p, max_new_tokens (None: back to the configured default).
+
+        Ranges are the caller's to check (`bot.types.SETTING_RANGES`); unknown keys are a `ValueError`.
+        """
+        unknown = set(values) - GENERATION_KEYS
+        if unknown:
+            raise ValueError(
+                f"unknown generation setting(s) {', '.join(sorted(unknown))}; "
+                f"allowed: {', '.join(sorted(GENERATION_KEYS))}"
+            )
+        return await self._update_conversation(conversation_id, values)
+
+    async def _update_conversation(self, conversation_id: int, values: dict[str, Any]) -> Conversation:
+        async with self._transaction(write=True) as session:
+            conversation = await self._require(session, Conversation, conversation_id)
+            if values:
+                await session.execute(
+                    update(Conversation)
+                    .where(Conversation.id == conversation_id)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+                await session.refresh(conversation)
+            return conversation
+
+    async def reset_conversation(
+        self, conversation_id: int, *, system_prompt: str | None | Unchanged = UNCHANGED
+    ) -> tuple[int, list[int]]:
+        """Archive every message and cancel the conversation's queued jobs, in one transaction.
+
+        Returns (messages archived, ids of the cancelled jobs). Running jobs are left alone: the
+        caller cancels them in the worker (and then `cancel_job`). With `system_prompt` (a text,
+        or None for the configured default), the prompt is replaced in the same transaction.
+        """
+        async with self._transaction(write=True) as session:
+            await self._require(session, Conversation, conversation_id)
+            archived = await session.execute(
+                update(Message)
+                .where(Message.conversation_id == conversation_id, Message.archived.is_(False))
+                .values(archived=True)
+                .execution_options(synchronize_session=False)
+            )
+            cancelled = await self._set_status(
+                session,
+                (Job.conversation_id == conversation_id, Job.status == JobStatus.QUEUED),
+                status=JobStatus.CANCELLED,
+                finished_at=utcnow(),
+            )
+            if system_prompt is not UNCHANGED:
+                await session.execute(
+                    update(Conversation)
+                    .where(Conversation.id == conversation_id)
+                    .values(system_prompt=system_prompt)
+                    .execution_options(synchronize_session=False)
+                )
+            return archived.rowcount, cancelled
+
+    # -- messages -------------------------------------------------------------------------------
+
+    async def record_message(
+        self,
+        conversation_id: int,
+        *,
+        role: Role | str,
+        author_id: str,
+        author_name: str,
+        text: str,
+        platform_message_id: str | None = None,
+        reply_to: str | None = None,
+        created_at: datetime | None = None,
+    ) -> tuple[Message, bool]:
+        """Store one message; (message, True) when new.
+
+        Idempotent on (conversation, platform_message_id): a platform delivering the same message
+        twice gets the stored row back with False. Messages without a platform id always insert.
+        """
+        async with self._transaction(write=True) as session:
+            return await self._record(
+                session,
+                conversation_id,
+                role=Role(role),
+                author_id=author_id,
+                author_name=author_name,
+                text=text,
+                platform_message_id=platform_message_id,
+                reply_to=reply_to,
+                created_at=created_at or utcnow(),
+            )
+
+    async def _record(self, session: AsyncSession, conversation_id: int, **values: Any) -> tuple[Message, bool]:
+        values["conversation_id"] = conversation_id
+        platform_message_id = values.get("platform_message_id")
+        insert = self._insert(session, Message)
+        if insert is not None:
+            statement = insert.values(**values).on_conflict_do_nothing(
+                index_elements=["conversation_id", "platform_message_id"]
+            )
+            inserted = (await session.scalars(statement.returning(Message))).first()
+            if inserted is not None:
+                return inserted, True
+        else:
+            inserted = await self._insert_ignoring_duplicate(session, Message(**values))
+            if inserted is not None:
+                return inserted, True
+        existing = await session.scalars(
+            select(Message).where(
+                Message.conversation_id == conversation_id, Message.platform_message_id == platform_message_id
+            )
+        )
+        return existing.one(), False
+
+    @staticmethod
+    async def _insert_ignoring_duplicate(session: AsyncSession, row: Any) -> Any | None:
+        """Portable fallback for dialects without ON CONFLICT: insert in a savepoint."""
+        try:
+            async with session.begin_nested():
+                session.add(row)
+            return row
+        except IntegrityError:
+            return None
+
+    async def update_message_text(self, conversation_id: int, platform_message_id: str, text: str) -> bool:
+        """Apply a platform edit; False when the message was never recorded."""
+        async with self._transaction(write=True) as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.conversation_id == conversation_id, Message.platform_message_id == platform_message_id)
+                .values(text=text, edited_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount > 0
+
+    async def get_message(self, message_id: int) -> Message | None:
+        async with self._transaction(write=False) as session:
+            return await session.get(Message, message_id)
+
+    async def history(self, conversation_id: int, *, up_to_message_id: int | None = None) -> list[Message]:
+        """The conversation's messages since the last reset, oldest first, up to and including `up_to_message_id`."""
+        query = select(Message).where(Message.conversation_id == conversation_id, Message.archived.is_(False))
+        if up_to_message_id is not None:
+            query = query.where(Message.id <= up_to_message_id)
+        return await self._all(query.order_by(Message.id))
+
+    # -- messages that ask for an answer ------------------------------------------------------------
+
+    async def record_and_enqueue(
+        self,
+        conversation_id: int,
+        *,
+        author_id: str,
+        author_name: str,
+        text: str,
+        platform_message_id: str | None,
+        reply_to: str | None = None,
+        created_at: datetime | None = None,
+        max_pending: int,
+        max_pending_per_conversation: int,
+    ) -> tuple[Message, Job | None, bool]:
+        """Record a user message and queue a job to answer it, in one transaction.
+
+        Returns (message, job, created). A message seen before (same platform id) creates nothing:
+        it comes back with the job made for it the first time (None if it was only recorded as
+        context) and created=False.
+
+        When queued + running jobs are already at `max_pending` in total, or at
+        `max_pending_per_conversation` in this conversation, the message is still recorded and
+        committed (it is context for later answers) but gets no job, and `QueueFull` is raised,
+        saying how many are waiting. On SQLite the check and the insert are serialized, so the
+        limits are exact; on PostgreSQL concurrent callers may overshoot them by a few.
+        """
+        full: str | None = None
+        async with self._transaction(write=True) as session:
+            message, created = await self._record(
+                session,
+                conversation_id,
+                role=Role.USER,
+                author_id=author_id,
+                author_name=author_name,
+                text=text,
+                platform_message_id=platform_message_id,
+                reply_to=reply_to,
+                created_at=created_at or utcnow(),
+            )
+            if not created:
+                job = (
+                    await session.scalars(select(Job).where(Job.message_id == message.id).order_by(Job.id.desc()))
+                ).first()
+                return message, job, False
+            waiting_here = await self._count_pending(session, conversation_id)
+            waiting_total = await self._count_pending(session, None)
+            if waiting_here >= max_pending_per_conversation:
+                full = (
+                    f"{waiting_here} requests from this conversation are already waiting "
+                    f"(limit {max_pending_per_conversation}); try again when one is answered"
+                )
+            elif waiting_total >= max_pending:
+                full = f"{waiting_total} requests are already waiting (limit {max_pending}); try again later"
+            else:
+                job = Job(conversation_id=conversation_id, message_id=message.id, status=JobStatus.QUEUED)
+                session.add(job)
+                await session.flush()
+                await session.refresh(job)
+                return message, job, True
+        raise QueueFull(full)
+
+    # -- audit ----------------------------------------------------------------------------------
+
+    async def audit(
+        self, conversation_id: int, *, platform: str, actor_id: str, actor_name: str, action: str, detail: str
+    ) -> AuditEntry:
+        """Write down one admin action."""
+        async with self._transaction(write=True) as session:
+            entry = AuditEntry(
+                conversation_id=conversation_id,
+                platform=platform,
+                actor_id=actor_id,
+                actor_name=actor_name,
+                action=action,
+                detail=detail,
+            )
+            session.add(entry)
+            await session.flush()
+            await session.refresh(entry)
+            return entry
+
+    async def audit_log(self, conversation_id: int) -> list[AuditEntry]:
+        """The conversation's admin actions, oldest first."""
+        query = select(AuditEntry).where(AuditEntry.conversation_id == conversation_id)
+        return await self._all(query.order_by(AuditEntry.id))
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: int) -> Job | None:
+        async with self._transaction(write=False) as session:
+            return await session.get(Job, job_id)
+
+    async def queued_jobs(self) -> list[Job]:
+        """Every queued job, oldest first (the queue picks among them fairly)."""
+        return await self._all(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.id))
+
+    async def running_jobs(self) -> list[Job]:
+        return await self._all(select(Job).where(Job.status == JobStatus.RUNNING).order_by(Job.id))
+
+    async def pending_jobs_for(self, conversation_id: int) -> list[Job]:
+        """The conversation's queued and running jobs, oldest first."""
+        query = select(Job).where(Job.conversation_id == conversation_id, Job.status.in_(PENDING_STATUSES))
+        return await self._all(query.order_by(Job.id))
+
+    async def pending_count(self, conversation_id: int | None = None) -> int:
+        """Queued + running jobs, in one conversation or (None) in all."""
+        async with self._transaction(write=False) as session:
+            return await self._count_pending(session, conversation_id)
+
+    async def mark_running(self, job_id: int, prompt: list[dict[str, Any]]) -> bool:
+        """queued → running, storing the prompt sent to the worker; False if the job was not queued."""
+        async with self._transaction(write=True) as session:
+            changed = await self._set_status(
+                session,
+                (Job.id == job_id, Job.status == JobStatus.QUEUED),
+                status=JobStatus.RUNNING,
+                started_at=utcnow(),
+                prompt=prompt,
+            )
+            return bool(changed)
+
+    async def finish_job(
+        self, job_id: int, *, reply_text: str, author_id: str, author_name: str, platform_message_id: str | None
+    ) -> Message:
+        """Store the assistant's reply and mark the job done, in one transaction.
+
+        The reply answers the job's user message (`reply_to` is that message's platform id). If the
+        job was cancelled (or otherwise ended) meanwhile — a `/reset` racing the last delta — the
+        reply is still stored, archived so it stays out of the history, and the status is kept.
+        """
+        async with self._transaction(write=True) as session:
+            job = await self._require(session, Job, job_id)
+            question = await session.get(Message, job.message_id)
+            pending = job.status in PENDING_STATUSES
+            reply, _ = await self._record(
+                session,
+                job.conversation_id,
+                role=Role.ASSISTANT,
+                author_id=author_id,
+                author_name=author_name,
+                text=reply_text,
+                platform_message_id=platform_message_id,
+                reply_to=question.platform_message_id if question is not None else None,
+                created_at=utcnow(),
+                archived=not pending,
+            )
+            values: dict[str, Any] = {"reply_message_id": reply.id}
+            if pending:
+                values.update(status=JobStatus.DONE, finished_at=utcnow())
+            await session.execute(
+                update(Job).where(Job.id == job_id).values(**values).execution_options(synchronize_session=False)
+            )
+            return reply
+
+    async def fail_job(self, job_id: int, error: str) -> bool:
+        """queued/running → failed with `error`; False if the job had already ended."""
+        async with self._transaction(write=True) as session:
+            changed = await self._set_status(
+                session,
+                (Job.id == job_id, Job.status.in_(PENDING_STATUSES)),
+                status=JobStatus.FAILED,
+                error=error,
+                finished_at=utcnow(),
+            )
+            return bool(changed)
+
+    async def cancel_job(self, job_id: int) -> bool:
+        """queued/running → cancelled; False if the job had already ended."""
+        async with self._transaction(write=True) as session:
+            changed = await self._set_status(
+                session,
+                (Job.id == job_id, Job.status.in_(PENDING_STATUSES)),
+                status=JobStatus.CANCELLED,
+                finished_at=utcnow(),
+            )
+            return bool(changed)
+
+    async def requeue_job(self, job_id: int, error: str) -> int:
+        """running → queued after the worker died holding it: attempts += 1, `error` kept.
+
+        Returns the attempts so far, for the caller to compare with its retry limit (and
+        `fail_job` past it). A job that is not running is left as it is; its attempts come back.
+        """
+        async with self._transaction(write=True) as session:
+            await session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                .values(status=JobStatus.QUEUED, attempts=Job.attempts + 1, error=error, started_at=None)
+                .execution_options(synchronize_session=False)
+            )
+            job = await self._require(session, Job, job_id)
+            return job.attempts
+
+    async def requeue_interrupted(self) -> int:
+        """At start-up: jobs a crash left running go back to queued (attempts unchanged); how many."""
+        async with self._transaction(write=True) as session:
+            changed = await self._set_status(
+                session, (Job.status == JobStatus.RUNNING,), status=JobStatus.QUEUED, started_at=None
+            )
+            return len(changed)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    async def _all(self, query: Select[Any]) -> list[Any]:
+        async with self._transaction(write=False) as session:
+            return list((await session.scalars(query)).all())
+
+    @staticmethod
+    async def _require(session: AsyncSession, model: type[Any], row_id: int) -> Any:
+        row = await session.get(model, row_id, populate_existing=True)
+        if row is None:
+            raise RecordNotFound(f"no {model.__name__.lower()} with id {row_id}")
+        return row
+
+    @staticmethod
+    async def _count_pending(session: AsyncSession, conversation_id: int | None) -> int:
+        query = select(func.count()).select_from(Job).where(Job.status.in_(PENDING_STATUSES))
+        if conversation_id is not None:
+            query = query.where(Job.conversation_id == conversation_id)
+        return int((await session.scalar(query)) or 0)
+
+    @staticmethod
+    async def _set_status(session: AsyncSession, where: Sequence[Any], **values: Any) -> list[int]:
+        """UPDATE the jobs matching `where`; the ids of those changed."""
+        statement = update(Job).where(*where).values(**values).execution_options(synchronize_session=False)
+        if session.get_bind().dialect.update_returning:
+            return list((await session.scalars(statement.returning(Job.id))).all())
+        ids = list((await session.scalars(select(Job.id).where(*where))).all())
+        if ids:
+            await session.execute(statement.where(Job.id.in_(ids)))
+        return ids
+
