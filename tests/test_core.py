@@ -1,0 +1,275 @@
+"""The core end to end: FakeAdapter → router → storage → queue → real worker engine (tiny model).
+
+Only the people are simulated (FakeAdapter.say); the router, commands, queue, storage with its
+real migrations, and the generation engine are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import dataclasses
+
+import pytest
+
+from adapters.fake import FakeAdapter
+from bot.app import ParleyApp
+from bot.config import parse_settings
+from bot.generation import make_generation_client
+from bot.history import GROUP_NOTE
+from bot.types import JobStatus
+
+
+def make_settings(model_dir, tmp_path, **sections):
+    data = {
+        "model": {"model": str(model_dir), "device": "cpu", "quantization": "none", "dtype": "float32"},
+        "storage": {"url": f"sqlite+aiosqlite:///{tmp_path}/parley.db"},
+        "generation": {"max_new_tokens": 6, "temperature": 0.0},
+        "worker": {"max_batch": 4},
+        "bot": {"system_prompt": "You are a test bot."},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_settings(data)
+
+
+@pytest.fixture
+def settings(tiny_model_dir, tmp_path):
+    return make_settings(tiny_model_dir, tmp_path)
+
+
+@pytest.fixture
+async def bot(settings):
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
+        yield fake, app
+
+
+async def answered(fake, app, text, **kwargs):
+    result = await fake.say(text, **kwargs)
+    assert result.action == "queued", result
+    assert await app.router.wait_for(result.job_id) == JobStatus.DONE.value
+    return result.job_id
+
+
+async def test_a_direct_message_is_answered_and_stored(bot):
+    fake, app = bot
+    job_id = await answered(fake, app, "Hello there", direct=True, chat="dm")
+    [reply] = fake.replies_in("dm")
+    assert reply.text and reply.failed is None
+    conversation = await app.repo.get_or_create_conversation(reply.conversation, is_direct=True)
+    history = await app.repo.history(conversation.id)
+    assert [(m.role, m.text) for m in history] == [("user", "Hello there"), ("assistant", reply.text)]
+    assert history[1].platform_message_id == reply.message_id
+    job = await app.repo.get_job(job_id)
+    assert job.status == "done" and job.reply_message_id == history[1].id
+    assert job.prompt == [
+        {"role": "system", "content": "You are a test bot."},
+        {"role": "user", "content": "Hello there"},
+    ]
+
+
+async def test_group_messages_not_addressed_are_context_with_authors(bot):
+    fake, app = bot
+    result = await fake.say("the meeting is at noon", user="bob", addressed=False)
+    assert result.action == "recorded" and result.job_id is None
+    await asyncio.sleep(0.05)
+    assert fake.replies == []  # nothing was sent to the model
+    job_id = await answered(fake, app, "when is the meeting?", user="carol")
+    job = await app.repo.get_job(job_id)
+    assert job.prompt[0] == {"role": "system", "content": f"You are a test bot.\n\n{GROUP_NOTE}"}
+    assert job.prompt[1:] == [
+        {"role": "user", "content": "Bob: the meeting is at noon"},
+        {"role": "user", "content": "Carol: when is the meeting?"},
+    ]
+
+
+async def test_bots_and_empty_messages_are_ignored(bot):
+    fake, app = bot
+    assert (await fake.say("hi", is_bot=True)).action == "ignored"
+    assert (await fake.say("   ")).action == "ignored"
+    assert (await fake.say("/status@someotherbot")).action == "ignored"
+    assert await app.queue.depth() == 0
+
+
+async def test_a_redelivered_message_is_answered_once(bot):
+    fake, app = bot
+    first = await fake.say("hi", message_id="same")
+    again = await fake.say("hi", message_id="same")
+    assert first.action == "queued" and again.action == "duplicate" and again.job_id == first.job_id
+    await app.queue.run_until_empty()
+    assert len(fake.replies) == 1
+
+
+async def test_admin_commands_are_refused_for_members_in_shared_chats(bot):
+    fake, app = bot
+    await answered(fake, app, "remember this", user="bob")
+    conversation = await app.repo.get_or_create_conversation(fake.message("x").conversation, is_direct=False)
+    for command in ("/reset", "/reset new prompt", "/system You are a pirate.", "/system clear", "/set temperature=1"):
+        result = await fake.say(command, user="mallory", admin=False)
+        assert result.action == "command"
+        assert result.reply.startswith("Only admins can use /") and "Nothing was changed" in result.reply
+    after = await app.repo.get_conversation(conversation.id)
+    assert after.system_prompt is None and after.temperature is None
+    assert len(await app.repo.history(conversation.id)) == 2
+    assert await app.repo.audit_log(conversation.id) == []
+    # Reading is for everyone.
+    shown = await fake.say("/system", user="mallory")
+    assert shown.reply == "System prompt (default): You are a test bot."
+
+
+async def test_admin_system_prompt_reaches_the_next_prompt_and_is_audited(bot):
+    fake, app = bot
+    result = await fake.say("/system You are a pirate.", user="ann", admin=True)
+    assert result.reply == "System prompt set: You are a pirate."
+    job_id = await answered(fake, app, "hello", user="bob")
+    job = await app.repo.get_job(job_id)
+    assert job.prompt[0]["content"].startswith("You are a pirate.")
+    conversation_id = job.conversation_id
+    [entry] = await app.repo.audit_log(conversation_id)
+    assert (entry.action, entry.actor_id) == ("system", "ann")
+    await fake.say("/system clear", user="ann", admin=True)
+    job = await app.repo.get_job(await answered(fake, app, "again", user="bob"))
+    assert job.prompt[0] == {"role": "system", "content": GROUP_NOTE}
+    assert (await fake.say("/system", direct=True, chat="dm")).reply.startswith("System prompt (default)")
+
+
+async def test_reset_empties_history_cancels_pending_and_can_set_a_prompt(bot):
+    fake, app = bot
+    await answered(fake, app, "one", direct=True, chat="dm")
+    result = await fake.say("/reset Be brief.", direct=True, chat="dm")
+    assert result.reply.startswith("History cleared (2 messages forgotten)")
+    assert "New system prompt: Be brief." in result.reply
+    job = await app.repo.get_job(await answered(fake, app, "two", direct=True, chat="dm"))
+    assert job.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "two"}]
+    conversation = await app.repo.get_conversation(job.conversation_id)
+    assert [entry.action for entry in await app.repo.audit_log(conversation.id)] == ["reset"]
+
+
+async def test_set_changes_generation_settings_within_ranges(bot):
+    fake, app = bot
+    bad = await fake.say("/set temperature=5 top_p=0.5", direct=True, chat="dm")
+    assert bad.reply.startswith("Nothing changed: temperature must be between 0 and 2")
+    good = await fake.say("/set temperature=0.9 max_new_tokens=3", direct=True, chat="dm")
+    assert good.reply == "Settings now: temperature=0.9, top_p=0.9, max_new_tokens=3"
+    back = await fake.say("/set temperature=default", direct=True, chat="dm")
+    assert back.reply == "Settings now: temperature=0.0, top_p=0.9, max_new_tokens=3"
+    shown = await fake.say("/set", direct=True, chat="dm")
+    assert shown.reply.startswith("Settings: temperature=0.0, top_p=0.9, max_new_tokens=3")
+
+
+async def test_status_help_and_unknown_commands(bot):
+    fake, app = bot
+    status = (await fake.say("/status", direct=True, chat="dm")).reply
+    info = app.client.model_info
+    assert f"Model: {info.name} (none, float32, on cpu, context {info.context_window} tokens)" in status
+    assert "Queue: 0 waiting or running; nothing of yours waiting" in status
+    assert "History: 0 messages" in status
+    assert "/reset [new system prompt]" in (await fake.say("/help")).reply
+    assert (await fake.say("/frobnicate")).reply == "Unknown command /frobnicate. Try /help."
+
+
+async def test_queue_bound_gives_a_busy_answer_and_keeps_the_message(tiny_model_dir, tmp_path):
+    settings = make_settings(tiny_model_dir, tmp_path, queue={"max_pending": 2, "max_pending_per_conversation": 1})
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
+        await app.queue.stop()  # hold dispatch so the jobs stay pending
+        assert (await fake.say("a", chat="one")).action == "queued"
+        busy = await fake.say("b", chat="one")
+        assert busy.action == "busy" and busy.reply.startswith("I'm busy right now")
+        assert (await fake.say("c", chat="two")).action == "queued"
+        assert (await fake.say("d", chat="three")).action == "busy"
+        conversation = await app.repo.get_or_create_conversation(fake.message("x", chat="one").conversation, is_direct=False)
+        assert [m.text for m in await app.repo.history(conversation.id)] == ["a", "b"]
+
+
+async def test_round_robin_across_conversations_one_job_each_at_a_time(tiny_model_dir, tmp_path):
+    settings = make_settings(tiny_model_dir, tmp_path, worker={"max_batch": 1})
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
+        await app.queue.stop()
+        ids = {}
+        for chat, count in (("A", 3), ("B", 2), ("C", 1)):
+            for n in range(1, count + 1):
+                ids[(await fake.say(f"{chat}{n}", chat=chat)).job_id] = f"{chat}{n}"
+        expected = ["A1", "B1", "C1", "A2", "B2", "A3"]
+        assert [ids[j] for j in await app.queue.dispatch_order()] == expected
+        mine = next(j for j, name in ids.items() if name == "B2")
+        assert await app.queue.position_of(mine) == 5
+        status = (await fake.say("/status", chat="B", user="alice")).reply
+        assert "your next reply is number 2" in status  # alice's B1 is second in line
+        await app.queue.start()
+        await app.queue.run_until_empty()
+        jobs = [await app.repo.get_job(j) for j in ids]
+        started = [ids[job.id] for job in sorted(jobs, key=lambda job: job.started_at)]
+        assert started == expected
+        assert all(job.status == "done" for job in jobs)
+
+
+async def test_jobs_interrupted_by_a_crash_are_answered_after_restart(tiny_model_dir, tmp_path):
+    settings = make_settings(tiny_model_dir, tmp_path)
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
+        await app.queue.stop()
+        job_id = (await fake.say("are you there?")).job_id
+        assert await app.repo.mark_running(job_id, [])  # as if the process died mid-reply
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
+        assert await app.router.wait_for(job_id) == "done"
+        assert len(fake.replies) == 1 and fake.replies[0].text
+
+
+async def test_many_conversations_at_once_all_get_one_reply(bot):
+    fake, app = bot
+    results = await asyncio.gather(*(fake.say(f"hello {n}", chat=f"c{n}") for n in range(10)))
+    await app.queue.run_until_empty()
+    assert {r.action for r in results} == {"queued"}
+    assert sorted(r.conversation.key for r in fake.replies) == sorted(f"c{n}" for n in range(10))
+    assert all(r.text for r in fake.replies)
+    assert app.queue.stats["done"] == 10
+
+
+def test_incoming_message_is_frozen():
+    message = FakeAdapter().message("hi")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        message.text = "changed"  # type: ignore[misc]
+
+
+async def _kill_worker_after_first_text(fake, app):
+    while not (fake.replies and fake.replies[-1].updates):
+        await asyncio.sleep(0.005)
+    health = await app.client.health()
+    os.kill(health.pid, signal.SIGKILL)
+    return health.pid
+
+
+async def test_worker_killed_during_a_reply_restarts_and_still_answers(tiny_model_dir, tmp_path):
+    settings = make_settings(tiny_model_dir, tmp_path, generation={"max_new_tokens": 300})
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake]) as app:  # the real worker process
+        result = await fake.say("tell me a long story", direct=True, chat="dm")
+        killed = await _kill_worker_after_first_text(fake, app)
+        assert await app.router.wait_for(result.job_id) == "done"
+        job = await app.repo.get_job(result.job_id)
+        assert job.attempts == 1 and "worker died" in job.error
+        health = await app.client.health()
+        assert health.alive and health.restarts == 1 and health.pid != killed
+        [reply] = fake.replies
+        assert reply.text and reply.failed is None
+        history = await app.repo.history(job.conversation_id)
+        assert [m.role for m in history] == ["user", "assistant"]
+
+
+async def test_a_reply_that_keeps_killing_the_worker_ends_in_a_clear_error(tiny_model_dir, tmp_path, caplog):
+    settings = make_settings(tiny_model_dir, tmp_path, generation={"max_new_tokens": 300}, worker={"max_attempts": 1})
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake]) as app:
+        result = await fake.say("tell me a long story", direct=True, chat="dm")
+        await _kill_worker_after_first_text(fake, app)
+        assert await app.router.wait_for(result.job_id) == "failed"
+        assert fake.replies[0].failed.startswith("Sorry, the model crashed while answering this message")
+        # The next message is answered by the restarted worker.
+        follow_up = await fake.say("hello again", direct=True, chat="dm", )
+        assert await app.router.wait_for(follow_up.job_id) == "done"
+    assert any("worker" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
