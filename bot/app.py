@@ -29,8 +29,17 @@ def enabled_adapters(settings: Settings, *, console_only: bool = False) -> list[
         from adapters.console import ConsoleAdapter
 
         adapters.append(ConsoleAdapter.from_config(settings))
+    if not console_only and settings.telegram.enabled:
+        try:
+            from adapters.telegram import TelegramAdapter
+        except ImportError as exc:
+            raise ConfigError(
+                f"[telegram] enabled = true, but python-telegram-bot is not installed ({exc}); "
+                "pip install 'python-telegram-bot[rate-limiter]'"
+            ) from None
+        adapters.append(TelegramAdapter.from_config(settings))
     if not adapters:
-        raise ConfigError("no adapter is enabled; set [console] enabled = true (more platforms are coming)")
+        raise ConfigError("no adapter is enabled; set [console] enabled or [telegram] enabled to true")
     return adapters
 
 

@@ -45,6 +45,8 @@ def _setup_logging(settings: Settings, *, quiet: bool, verbose: bool) -> None:
     if settings.bot.log_file:
         handlers.append(logging.FileHandler(settings.bot.log_file, encoding="utf-8"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    # httpx logs every request URL at INFO, and Telegram's URLs carry the bot token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _log_unexpected(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -69,14 +71,16 @@ async def _serve(settings: Settings, *, console_conversation: str | None, consol
         print(f"Loading {settings.model.model if settings.model.model != 'embedded' else 'the embedded model (SmolLM2-135M-Instruct)'}…", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM,) + ((signal.SIGINT,) if console is None else ()):
+    for signum in (signal.SIGTERM,) + ((signal.SIGINT,) if console is None or len(adapters) > 1 else ()):
         loop.add_signal_handler(signum, stop.set)
     async with ParleyApp(settings, adapters) as app:
         if console is not None and app.client.model_info is not None:
             info = app.client.model_info
             print(f"Ready: {info.name} on {info.device} ({info.dtype}, {info.quantization}) in {info.load_seconds:.1f} s", file=sys.stderr, flush=True)
         waits = [asyncio.create_task(stop.wait())]
-        if console is not None:
+        if console is not None and len(adapters) == 1:
+            # The terminal alone: end of input or /exit ends Parley. Beside other platforms, the
+            # terminal closing (a service with no stdin) leaves them running.
             waits.append(asyncio.create_task(console.closed.wait()))
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

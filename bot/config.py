@@ -11,7 +11,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
 from .types import SETTING_RANGES, GenerationSettings
@@ -24,6 +24,7 @@ __all__ = [
     "QueueSettings",
     "StorageSettings",
     "ConsoleSettings",
+    "TelegramSettings",
     "load_settings",
     "parse_settings",
     "default_config_path",
@@ -101,6 +102,22 @@ class ConsoleSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TelegramSettings:
+    enabled: bool = False
+    token_env: str = "TELEGRAM_BOT_TOKEN"
+    """Name of the environment variable that holds the bot token from BotFather."""
+    api_base_url: str = "https://api.telegram.org/bot"
+    """Bot API endpoint, up to and including "/bot" (a self-hosted Bot API server or a test server works too)."""
+    allowed_chat_ids: tuple[int, ...] = ()
+    """Chats the bot works in; empty = every chat it is added to."""
+    admin_user_ids: tuple[int, ...] = ()
+    """Users who are admins in every chat, beside each group's own creator and administrators."""
+    admin_cache_seconds: float = field(default=300.0, metadata=_range(0, 86_400))
+    edit_interval: float = field(default=1.0, metadata=_range(0, 60))
+    """Seconds between edits of a streaming reply, per chat."""
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     bot: BotSettings = field(default_factory=BotSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -109,6 +126,7 @@ class Settings:
     queue: QueueSettings = field(default_factory=QueueSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    telegram: TelegramSettings = field(default_factory=TelegramSettings)
     source: str = "defaults"
     """Where these settings came from (a path, or "defaults"); not a TOML key."""
 
@@ -129,6 +147,18 @@ class Settings:
     def with_overrides(self, **sections: Any) -> Settings:
         return replace(self, **sections)
 
+    @staticmethod
+    def secret(section: str, key: str, env_name: str) -> str:
+        """Read a secret from the environment variable the config names; a clear error if unset."""
+        if not env_name:
+            raise ConfigError(f"[{section}] {key} is empty; name the environment variable that holds the secret")
+        value = os.environ.get(env_name, "").strip()
+        if not value:
+            raise ConfigError(
+                f"the environment variable {env_name} is not set; it must hold the secret named by [{section}] {key}"
+            )
+        return value
+
 
 _SECTIONS = {f.name: f for f in fields(Settings) if f.name != "source"}
 
@@ -143,6 +173,11 @@ def _check_value(section: str, key: str, value: Any, expected: type, meta: Any) 
         raise ConfigError(f"{where} must be {'an integer' if expected is int else 'a number'}, not {value!r}")
     if expected is str and not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, not {value!r}")
+    if get_origin(expected) is tuple:
+        (item_type, _) = get_args(expected)
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, item_type) for v in value):
+            raise ConfigError(f"{where} must be a list of {item_type.__name__}s, like [1, 2], not {value!r}")
+        return tuple(value)
     choices = meta.get("choices") if meta else None
     if choices and value not in choices:
         raise ConfigError(f"{where} = {value!r} is not allowed; use one of: {', '.join(repr(c) for c in choices)}")

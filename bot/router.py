@@ -102,6 +102,14 @@ class Router:
             return RouteResult("duplicate", job_id=job.id if job else None)
         return RouteResult("queued", job_id=job.id if job else None)
 
+    async def handle_edit(self, message: IncomingMessage) -> bool:
+        """A user edited a message: the stored text follows (the answer already given stays)."""
+        text = message.text.strip()
+        if not text or message.author.is_bot:
+            return False
+        conversation = await self.conversation_for(message)
+        return await self.repo.update_message_text(conversation.id, message.message_id, text)
+
     async def wait_for(self, job_id: int) -> str:
         """Wait until a job is done, failed or cancelled; returns that status."""
         return await self.queue.wait_for(job_id)

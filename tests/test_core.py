@@ -15,23 +15,10 @@ import pytest
 
 from adapters.fake import FakeAdapter
 from bot.app import ParleyApp
-from bot.config import parse_settings
 from bot.generation import make_generation_client
 from bot.history import GROUP_NOTE
 from bot.types import JobStatus
-
-
-def make_settings(model_dir, tmp_path, **sections):
-    data = {
-        "model": {"model": str(model_dir), "device": "cpu", "quantization": "none", "dtype": "float32"},
-        "storage": {"url": f"sqlite+aiosqlite:///{tmp_path}/parley.db"},
-        "generation": {"max_new_tokens": 6, "temperature": 0.0},
-        "worker": {"max_batch": 4},
-        "bot": {"system_prompt": "You are a test bot."},
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return parse_settings(data)
+from tests.support import make_settings
 
 
 @pytest.fixture

@@ -1,0 +1,31 @@
+"""Helpers shared by the test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bot.config import Settings, parse_settings
+
+
+def make_settings(model_dir: Path, tmp_path: Path, **sections: dict) -> Settings:
+    """Settings on the tiny model, a fresh SQLite file in tmp_path, greedy short replies."""
+    data: dict[str, dict] = {
+        "model": {"model": str(model_dir), "device": "cpu", "quantization": "none", "dtype": "float32"},
+        "storage": {"url": f"sqlite+aiosqlite:///{tmp_path}/parley.db"},
+        "generation": {"max_new_tokens": 6, "temperature": 0.0},
+        "worker": {"max_batch": 4},
+        "bot": {"system_prompt": "You are a test bot."},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_settings(data)
+
+
+async def jobs_of(app, conversation_id: int) -> list:  # noqa: ANN001
+    """Every job of a conversation, oldest first, read straight from the database."""
+    from sqlalchemy import select
+
+    from storage import Job
+
+    async with app.database.sessions() as session:
+        return list((await session.scalars(select(Job).where(Job.conversation_id == conversation_id).order_by(Job.id))).all())

@@ -1,0 +1,285 @@
+"""Telegram end to end: the real python-telegram-bot Application, over HTTP, against a fake Bot
+API server on 127.0.0.1 (tests/fakes/telegram_api.py), through Parley's real router, queue,
+storage and worker engine (tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapters.telegram import MENU, TEXT_ONLY, TelegramAdapter
+from bot.app import ParleyApp
+from bot.errors import AdapterError, ConfigError
+from bot.generation import make_generation_client
+from bot.types import ConversationKey
+from tests.fakes.telegram_api import FakeTelegramAPI
+from tests.support import jobs_of, make_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN_ENV = "PARLEY_TEST_TELEGRAM_TOKEN"
+
+
+def telegram_settings(model_dir, tmp_path, fake, **sections):
+    telegram = {"enabled": True, "token_env": TOKEN_ENV, "api_base_url": fake.base_url, "edit_interval": 0.05}
+    telegram.update(sections.pop("telegram", {}))
+    return make_settings(model_dir, tmp_path, telegram=telegram, console={"enabled": False}, **sections)
+
+
+@pytest.fixture
+async def fake(monkeypatch):
+    async with FakeTelegramAPI(bot_username="parley_bot") as server:
+        monkeypatch.setenv(TOKEN_ENV, server.token)
+        yield server
+
+
+async def start_app(settings, *, in_process=True):
+    adapter = TelegramAdapter.from_config(settings)
+    client = make_generation_client(settings, in_process=True) if in_process else None
+    app = ParleyApp(settings, [adapter], client=client)
+    await app.start()
+    return app, adapter
+
+
+@pytest.fixture
+async def bot(fake, tiny_model_dir, tmp_path):
+    app, adapter = await start_app(telegram_settings(tiny_model_dir, tmp_path, fake))
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+async def conversation_of(app, key: str, *, direct: bool):
+    return await app.repo.get_or_create_conversation(ConversationKey("telegram", key), is_direct=direct)
+
+
+async def test_private_exchange_through_the_worker_process(fake, tiny_model_dir, tmp_path):
+    settings = telegram_settings(tiny_model_dir, tmp_path, fake, generation={"max_new_tokens": 12})
+    app, adapter = await start_app(settings, in_process=False)
+    try:
+        assert fake.commands["default"] == [{"command": name, "description": text} for name, text in MENU]
+        user = fake.make_user("Ada")
+        update = fake.add_private_message(user, "Hello bot")
+        await fake.wait_for(lambda: fake.sent, timeout=30)
+        await app.queue.run_until_empty()
+        [sent] = fake.sent
+        assert sent.chat_id == user["id"]
+        assert sent.message["reply_to_message"]["message_id"] == update["message"]["message_id"]
+        assert any(a.action == "typing" and a.chat_id == user["id"] for a in fake.actions)
+        conversation = await conversation_of(app, str(user["id"]), direct=True)
+        history = await app.repo.history(conversation.id)
+        assert [m.role for m in history] == ["user", "assistant"]
+        assert history[1].text.split() == fake.messages_in(user["id"])[0].split()
+    finally:
+        await app.stop()
+
+
+async def test_group_answers_mentions_and_replies_and_keeps_other_messages_as_context(fake, bot):
+    group = fake.make_supergroup()
+    ann, bob = fake.make_user("Ann"), fake.make_user("Bob")
+    fake.add_group_message(group, ann, "Lunch is at noon today.")
+    await fake.wait_until_delivered()
+    await asyncio.sleep(0.2)
+    assert fake.sent == []  # not addressed: not answered, not sent to the model
+    fake.add_group_message(group, bob, "@parley_bot when is lunch?")
+    await fake.wait_for(lambda: len(fake.sent) == 1, timeout=20)
+    await bot.queue.run_until_empty()
+    conversation = await conversation_of(bot, str(group["id"]), direct=False)
+    [job] = await jobs_of(bot, conversation.id)
+    assert [m["content"] for m in job.prompt[1:]] == ["Ann: Lunch is at noon today.", "Bob: when is lunch?"]
+    # A reply to the bot's message is addressed to it too.
+    fake.add_group_message(group, ann, "thanks!", reply_to_message_id=fake.sent[0].message_id)
+    await fake.wait_for(lambda: len(fake.sent) == 2, timeout=20)
+    # /ask works without a mention; commands for another bot are ignored.
+    fake.add_group_message(group, ann, "/ask what is two plus two?")
+    await fake.wait_for(lambda: len(fake.sent) == 3, timeout=20)
+    fake.add_group_message(group, ann, "/status@other_bot")
+    fake.add_group_message(group, ann, "/status@parley_bot")
+    await fake.wait_for(lambda: len(fake.sent) == 4, timeout=20)
+    assert fake.sent[3].text.startswith("Model: ")
+
+
+async def test_forum_topics_are_separate_conversations(fake, bot):
+    forum = fake.make_forum()
+    one, two = fake.create_topic(forum, "one"), fake.create_topic(forum, "two")
+    user = fake.make_user("Ann")
+    fake.add_group_message(forum, user, "@parley_bot hi from one", message_thread_id=one)
+    fake.add_group_message(forum, user, "@parley_bot hi from two", message_thread_id=two)
+    await fake.wait_for(lambda: len(fake.sent) == 2, timeout=20)
+    await bot.queue.run_until_empty()
+    assert {s.params.get("message_thread_id") for s in fake.sent} == {one, two}
+    for thread in (one, two):
+        conversation = await conversation_of(bot, f"{forum['id']}:{thread}", direct=False)
+        assert [m.role for m in await bot.repo.history(conversation.id)] == ["user", "assistant"]
+
+
+async def test_admin_commands_for_administrators_only(fake, bot):
+    group = fake.make_supergroup()
+    boss, member = fake.make_user("Boss"), fake.make_user("Member")
+    fake.set_member_status(group["id"], boss["id"], "administrator")
+    fake.set_member_status(group["id"], member["id"], "member")
+    fake.add_group_message(group, member, "/system You are a pirate.")
+    fake.add_group_message(group, member, "/reset")
+    await fake.wait_for(lambda: len(fake.sent) == 2, timeout=10)
+    assert all(s.text.startswith("Only admins can use /") for s in fake.sent)
+    conversation = await conversation_of(bot, str(group["id"]), direct=False)
+    assert (await bot.repo.get_conversation(conversation.id)).system_prompt is None
+    fake.add_group_message(group, boss, "/system You are a pirate.")
+    await fake.wait_for(lambda: len(fake.sent) == 3, timeout=10)
+    assert fake.sent[2].text == "System prompt set: You are a pirate."
+    fake.add_group_message(group, member, "@parley_bot ahoy?")
+    await fake.wait_for(lambda: len(fake.sent) == 4, timeout=20)
+    await bot.queue.run_until_empty()
+    [job] = await jobs_of(bot, conversation.id)
+    assert job.prompt[0]["content"].startswith("You are a pirate.")
+    fake.add_group_message(group, boss, "/reset")
+    await fake.wait_for(lambda: len(fake.sent) == 5, timeout=10)
+    assert fake.sent[4].text.startswith("History cleared (2 messages forgotten)")
+    assert [e.action for e in await bot.repo.audit_log(conversation.id)] == ["system", "reset"]
+    assert len(fake.calls_to("getChatMember")) == 2  # cached per user after the first ask
+
+
+async def test_long_replies_continue_in_further_messages(fake, bot):
+    user = fake.make_user("Ann")
+    chat = fake.private_chat(user)
+    paragraph = "This sentence is part of a long answer about many things. " * 12
+    text = "\n\n".join(f"{n}. {paragraph.strip()}" for n in range(12))
+    assert len(text) > 2 * 4096
+    adapter = bot.adapters["telegram"]
+    stream = await adapter.open_reply(ConversationKey("telegram", str(chat["id"])), None)
+    for cut in range(500, len(text), 1500):
+        await stream.update(text[:cut])
+    ids = await stream.finish(text)
+    shown = fake.messages_in(chat["id"])
+    assert len(ids) == len(shown) == 3
+    assert all(len(part) <= 4096 for part in shown)
+    assert "".join(" ".join(shown).split()) == "".join(text.split())
+    assert all(part.rstrip().endswith(".") for part in shown)  # cut at sentence ends, not mid-word
+
+
+async def test_streaming_edits_are_throttled_per_chat(fake, bot):
+    adapter = bot.adapters["telegram"]
+    chat = fake.private_chat(fake.make_user("Ann"))
+    stream = await adapter.open_reply(ConversationKey("telegram", str(chat["id"])), None)
+    words = [f"word{n}" for n in range(40)]
+    for n in range(1, len(words) + 1):
+        await stream.update(" ".join(words[:n]))
+        await asyncio.sleep(0.005)
+    await stream.finish(" ".join(words))
+    assert fake.messages_in(chat["id"]) == [" ".join(words)]
+    edits = [c for c in fake.calls if c.method.lower() == "editmessagetext"]
+    assert 1 <= len(edits) < 20  # streamed, but not one edit per word
+    gaps = [b.time - a.time for a, b in zip(edits, edits[1:])]
+    assert all(gap >= 0.04 for gap in gaps[:-1])  # the final edit may come at once
+
+
+async def test_flood_control_is_waited_out(fake, bot):
+    user = fake.make_user("Ann")
+    fake.fail_next("sendMessage", error_code=429, retry_after=1)
+    fake.add_private_message(user, "hi")
+    await fake.wait_for(lambda: fake.sent, timeout=20)
+    failed = [c for c in fake.calls_to("sendMessage") if not c.ok]
+    assert len(failed) == 1 and failed[0].status == 429
+    succeeded = [c for c in fake.calls_to("sendMessage") if c.ok]
+    assert succeeded[0].time - failed[0].time >= 0.9  # retry_after was honoured
+    await bot.queue.run_until_empty()
+    conversation = await conversation_of(bot, str(user["id"]), direct=True)
+    assert [m.role for m in await bot.repo.history(conversation.id)] == ["user", "assistant"]
+
+
+async def test_rejected_formatting_falls_back_to_plain_text(fake, bot):
+    adapter = bot.adapters["telegram"]
+    chat = fake.private_chat(fake.make_user("Ann"))
+    fake.fail_next("sendMessage", error_code=400, description="Bad Request: can't parse entities: unsupported start tag")
+    stream = await adapter.open_reply(ConversationKey("telegram", str(chat["id"])), None)
+    await stream.finish("Some **bold** text")
+    sent = fake.calls_to("sendMessage")
+    assert [c.ok for c in sent] == [False, True]
+    assert sent[1].params.get("parse_mode") in (None, "")
+    assert fake.messages_in(chat["id"]) == ["Some **bold** text"]
+
+
+async def test_a_redelivered_update_is_answered_once(fake, bot):
+    user = fake.make_user("Ann")
+    update = fake.add_private_message(user, "hello once")
+    await fake.wait_for(lambda: fake.sent, timeout=20)
+    fake.add_update(update)
+    await fake.wait_until_delivered()
+    await asyncio.sleep(0.3)
+    await bot.queue.run_until_empty()
+    assert len(fake.sent) == 1
+
+
+async def test_non_text_messages_edits_and_other_bots(fake, bot):
+    user = fake.make_user("Ann")
+    chat = fake.private_chat(user)
+    fake.add_photo_message(chat, user)
+    await fake.wait_for(lambda: fake.sent, timeout=10)
+    assert fake.sent[0].text == TEXT_ONLY
+    group = fake.make_supergroup()
+    fake.add_sticker_message(group, user)
+    robot = fake.make_user("Robot", is_bot=True)
+    fake.add_group_message(group, robot, "@parley_bot hello from a bot")
+    original = fake.add_group_message(group, user, "I like tea")
+    await fake.wait_until_delivered()
+    await asyncio.sleep(0.2)
+    assert len(fake.sent) == 1  # nothing answered in the group
+    fake.add_edited_message(original["message"], "I like coffee")
+    await fake.wait_until_delivered()
+    conversation = await conversation_of(bot, str(group["id"]), direct=False)
+    await fake.wait_for(lambda: True)
+    for _ in range(50):
+        history = await bot.repo.history(conversation.id)
+        if history and history[0].text == "I like coffee":
+            break
+        await asyncio.sleep(0.05)
+    assert [m.text for m in history] == ["I like coffee"]
+    assert history[0].edited_at is not None
+
+
+async def test_missing_or_rejected_token_stops_start_up(fake, tiny_model_dir, tmp_path, monkeypatch):
+    settings = telegram_settings(tiny_model_dir, tmp_path, fake)
+    monkeypatch.delenv(TOKEN_ENV)
+    with pytest.raises(ConfigError, match=f"environment variable {TOKEN_ENV} is not set"):
+        TelegramAdapter.from_config(settings)
+    monkeypatch.setenv(TOKEN_ENV, "123:wrong")
+    adapter = TelegramAdapter.from_config(settings)
+    with pytest.raises(AdapterError, match=f"rejected the bot token in \\${TOKEN_ENV}"):
+        await adapter.start(_NoCore())
+    assert "123:wrong" not in str(adapter)
+
+
+class _NoCore:
+    def set_bot_username(self, platform, username):
+        raise AssertionError("not reached")
+
+
+async def test_parley_run_polls_and_stops_on_sigterm(fake, tiny_model_dir, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[model]\nmodel = "{tiny_model_dir}"\ndevice = "cpu"\n'
+        f'[storage]\nurl = "sqlite+aiosqlite:///{tmp_path}/p.db"\n'
+        f'[telegram]\nenabled = true\ntoken_env = "{TOKEN_ENV}"\napi_base_url = "{fake.base_url}"\n'
+        "[console]\nenabled = false\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", "-c", str(config), "run",
+        cwd=ROOT, env={**os.environ}, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await fake.wait_for_call("getUpdates", timeout=60)
+        user = fake.make_user("Ann")
+        fake.add_private_message(user, "hi from a real process")
+        await fake.wait_for(lambda: fake.sent, timeout=60)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    assert fake.token not in stderr.decode()
+    assert "polling as @parley_bot" in stderr.decode()
