@@ -28,7 +28,7 @@ from bot.commands import COMMANDS, HELP, parse_command  # noqa: E402
 from bot.errors import AdapterError  # noqa: E402
 from bot.types import Author, ConversationKey, IncomingMessage  # noqa: E402
 
-from .base import Adapter, Core, ReplyStream, split_message  # noqa: E402
+from .base import Adapter, Core, EditingReplyStream, EditThrottle, ReplyStream, split_message  # noqa: E402
 from .formatting import markdown_to_telegram_html  # noqa: E402
 
 if TYPE_CHECKING:
@@ -53,65 +53,23 @@ def _parse_key(key: str) -> tuple[int, int | None]:
     return int(chat), (int(thread) if thread else None)
 
 
-class _TelegramStream(ReplyStream):
-    """A reply shown as it is generated: sent at the first text, then edited (throttled per chat),
-    continued in further messages past 4096 characters."""
-
+class _TelegramStream(EditingReplyStream):
     def __init__(self, adapter: TelegramAdapter, chat_id: int, thread_id: int | None, reply_to: int | None) -> None:
+        super().__init__(adapter.throttle, chat_id)
         self.adapter = adapter
         self.chat_id = chat_id
         self.thread_id = thread_id
         self.reply_to = reply_to
-        self.messages: list[tuple[int, str]] = []  # (message id, text shown)
-        self.latest = ""
-        self._lock = asyncio.Lock()
-        self._pending: asyncio.Task | None = None
 
-    async def update(self, text: str) -> None:
-        self.latest = text
-        if not self.messages:
-            async with self._lock:
-                if not self.messages:
-                    await self._render(text)
-            return
-        if self._pending is None or self._pending.done():
-            self._pending = asyncio.create_task(self._render_later())
+    def split(self, text: str) -> list[str]:
+        return split_message(text, MAX_LENGTH)
 
-    async def _render_later(self) -> None:
-        await asyncio.sleep(self.adapter.edit_delay(self.chat_id))
-        async with self._lock:
-            await self._render(self.latest)
+    async def send(self, chunk: str, index: int) -> int:
+        reply_to = self.reply_to if index == 0 else self.messages[-1][0]
+        return await self.adapter.send_text(self.chat_id, self.thread_id, chunk, reply_to=reply_to)  # type: ignore[arg-type]
 
-    async def _cancel_pending(self) -> None:
-        if self._pending is not None and not self._pending.done():
-            self._pending.cancel()
-            await asyncio.gather(self._pending, return_exceptions=True)
-
-    async def finish(self, text: str) -> list[str]:
-        await self._cancel_pending()
-        async with self._lock:
-            await self._render(text)
-        return [str(message_id) for message_id, _ in self.messages]
-
-    async def fail(self, notice: str) -> None:
-        await self._cancel_pending()
-        async with self._lock:
-            shown = self.messages[-1][1] if self.messages else ""
-            await self._render(f"{shown}\n\n{notice}" if shown else notice)
-
-    async def _render(self, text: str) -> None:
-        for index, chunk in enumerate(split_message(text, MAX_LENGTH)):
-            if not chunk.strip():
-                continue
-            if index < len(self.messages):
-                message_id, shown = self.messages[index]
-                if shown != chunk:
-                    await self.adapter.edit(self.chat_id, message_id, chunk)
-                    self.messages[index] = (message_id, chunk)
-            else:
-                reply_to = self.reply_to if index == 0 else self.messages[-1][0]
-                message_id = await self.adapter.send_text(self.chat_id, self.thread_id, chunk, reply_to=reply_to)
-                self.messages.append((message_id, chunk))
+    async def edit(self, message_id: object, chunk: str) -> None:
+        await self.adapter.edit(self.chat_id, message_id, chunk)  # type: ignore[arg-type]
 
 
 class TelegramAdapter(Adapter):
@@ -131,7 +89,7 @@ class TelegramAdapter(Adapter):
         self.bot_id = 0
         self._admin_cache: dict[tuple[int, int], tuple[float, bool]] = {}
         self._seen_updates: OrderedDict[int, None] = OrderedDict()
-        self._next_edit: dict[int, float] = {}
+        self.throttle = EditThrottle(config.edit_interval)
         self._background: set[asyncio.Task] = set()
 
     @classmethod
@@ -195,14 +153,6 @@ class TelegramAdapter(Adapter):
     async def open_reply(self, conversation: ConversationKey, reply_to: str | None) -> ReplyStream:
         chat_id, thread_id = _parse_key(conversation.key)
         return _TelegramStream(self, chat_id, thread_id, int(reply_to) if reply_to and reply_to.isdigit() else None)
-
-    def edit_delay(self, chat_id: int) -> float:
-        """Seconds to wait before this chat's next edit; reserves the slot (about one edit per
-        `edit_interval` per chat, whatever the number of replies streaming there)."""
-        now = time.monotonic()
-        slot = max(now, self._next_edit.get(chat_id, 0.0))
-        self._next_edit[chat_id] = slot + self.edit_interval
-        return slot - now
 
     async def _call(self, what: str, call):  # noqa: ANN001, ANN202
         """Run a Bot API call, waiting out flood control (RetryAfter) instead of losing the reply."""

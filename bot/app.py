@@ -38,8 +38,14 @@ def enabled_adapters(settings: Settings, *, console_only: bool = False) -> list[
                 "pip install 'python-telegram-bot[rate-limiter]'"
             ) from None
         adapters.append(TelegramAdapter.from_config(settings))
+    if not console_only and settings.discord.enabled:
+        try:
+            from adapters.discord import DiscordAdapter
+        except ImportError as exc:
+            raise ConfigError(f"[discord] enabled = true, but discord.py is not installed ({exc}); pip install discord.py") from None
+        adapters.append(DiscordAdapter.from_config(settings))
     if not adapters:
-        raise ConfigError("no adapter is enabled; set [console] enabled or [telegram] enabled to true")
+        raise ConfigError("no adapter is enabled; set enabled = true in [console], [telegram] or [discord]")
     return adapters
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "StorageSettings",
     "ConsoleSettings",
     "TelegramSettings",
+    "DiscordSettings",
     "load_settings",
     "parse_settings",
     "default_config_path",
@@ -55,7 +56,7 @@ def _range(low: float | None = None, high: float | None = None) -> dict[str, Any
 @dataclass(frozen=True, slots=True)
 class BotSettings:
     name: str = "Parley"
-    system_prompt: str = "You are Parley, a friendly and helpful assistant. Answer clearly and briefly."
+    system_prompt: str = "You are a helpful assistant."
     log_level: str = field(default="INFO", metadata=_choice("DEBUG", "INFO", "WARNING", "ERROR"))
     log_file: str = ""
 
@@ -118,6 +119,22 @@ class TelegramSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscordSettings:
+    enabled: bool = False
+    token_env: str = "DISCORD_BOT_TOKEN"
+    """Name of the environment variable that holds the bot token from the Developer Portal."""
+    guild_ids: tuple[int, ...] = ()
+    """Servers to register the slash commands in (instant); empty = global registration (up to an hour)."""
+    channel_ids: tuple[int, ...] = ()
+    """Channels where the bot answers every message (and the threads in them), not only mentions."""
+    admin_role_ids: tuple[int, ...] = ()
+    admin_user_ids: tuple[int, ...] = ()
+    edit_interval: float = field(default=1.0, metadata=_range(0, 60))
+    """Seconds between edits of a streaming reply, per channel."""
+    ready_timeout: float = field(default=60.0, metadata=_range(1, 3_600))
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     bot: BotSettings = field(default_factory=BotSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -127,6 +144,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     telegram: TelegramSettings = field(default_factory=TelegramSettings)
+    discord: DiscordSettings = field(default_factory=DiscordSettings)
     source: str = "defaults"
     """Where these settings came from (a path, or "defaults"); not a TOML key."""
 

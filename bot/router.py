@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from .commands import ADMIN_COMMANDS, parse_command, run_command
 from .errors import ParleyError, QueueFull
-from .types import IncomingMessage, Role
+from .types import ConversationKey, IncomingMessage, Role
 
 if TYPE_CHECKING:
     from storage import Repository
@@ -107,8 +107,13 @@ class Router:
         text = message.text.strip()
         if not text or message.author.is_bot:
             return False
-        conversation = await self.conversation_for(message)
-        return await self.repo.update_message_text(conversation.id, message.message_id, text)
+        conversation = await self.repo.find_conversation(message.conversation)
+        return conversation is not None and await self.repo.update_message_text(conversation.id, message.message_id, text)
+
+    async def handle_delete(self, conversation: ConversationKey, message_id: str) -> bool:
+        """A user deleted a message: it leaves the history the model sees."""
+        stored = await self.repo.find_conversation(conversation)
+        return stored is not None and await self.repo.archive_message(stored.id, message_id)
 
     async def wait_for(self, job_id: int) -> str:
         """Wait until a job is done, failed or cancelled; returns that status."""
