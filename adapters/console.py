@@ -38,8 +38,11 @@ class _ConsoleStream(ReplyStream):
         if not self.started:
             self._write(f"{self.speaker}: ")
             self.started = True
+        settled = self.shown.rstrip()  # trailing spaces shown mid-stream may be trimmed at the end
         if text.startswith(self.shown):
             self._write(text[len(self.shown) :])
+        elif text.startswith(settled):
+            self._write(text[len(settled) :])
         else:
             # A retry after the worker restarted produced different text: start the reply over.
             self._write(f"\n[the model restarted; answering again]\n{self.speaker}: {text}")

@@ -260,7 +260,7 @@ class GenerationQueue:
                 if isinstance(event, TextDelta):
                     text += event.text
                     if text.strip():
-                        await stream.update(text)
+                        await stream.update(text.lstrip())  # as the final reply will be: stripped
                 else:
                     result = event
         except WorkerDead as exc:
