@@ -204,6 +204,7 @@ class _Worker:
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
         self.reader: asyncio.Task[None] | None = None
         self.stderr_reader: asyncio.Task[None] | None = None
+        self.last_activity = asyncio.get_running_loop().time()  # last line read or message sent
 
     @property
     def pid(self) -> int:
@@ -217,6 +218,7 @@ class _Worker:
         stdin = self.process.stdin
         if not self.running or stdin is None or stdin.is_closing():
             return  # a dead worker: the reader task ends its jobs with WorkerDead
+        self.last_activity = asyncio.get_running_loop().time()
         try:
             stdin.write(protocol.encode(message))
         except (BrokenPipeError, ConnectionResetError, RuntimeError):
@@ -419,15 +421,31 @@ class SubprocessGenerationClient(WorkerClientBase):
     async def _read_messages(self, worker: _Worker) -> None:
         stdout = worker.process.stdout
         assert stdout is not None
+        stall = self._settings.worker.stall_timeout
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                line = await stdout.readline()
+                # While it holds jobs the worker writes every decode step; silence past the
+                # deadline means it hangs (a stuck kernel, a deadlock), so it is replaced.
+                line = await asyncio.wait_for(stdout.readline(), min(stall, 5.0))
+            except asyncio.TimeoutError:
+                silent = loop.time() - worker.last_activity
+                if not (worker.serving and len(self._streams) and silent >= stall):
+                    continue
+                log.error(
+                    "the worker (pid %d) sent nothing for %.0f s while it held %d job(s): it hangs; killing it "
+                    "(raise [worker] stall_timeout if the model is just slow)",
+                    worker.pid, silent, len(self._streams),
+                )
+                worker.process.kill()
+                break
             except ValueError as exc:  # a line over _LINE_LIMIT
                 log.error("the worker (pid %d) wrote an oversized line (%s); restarting it", worker.pid, exc)
                 worker.process.kill()
                 break
             if not line:
                 break
+            worker.last_activity = loop.time()
             try:
                 message = protocol.decode(line)
             except protocol.ProtocolError as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import threading
 from collections.abc import Coroutine
@@ -136,7 +137,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
                 cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: in WAL mode a commit is on disk when it returns, even through a power cut;
+            # NORMAL would only survive a process crash. Replies are few; durability wins.
+            cursor.execute("PRAGMA synchronous=FULL")
         finally:
             cursor.close()
 
@@ -222,6 +225,13 @@ class Database:
                     f"cannot create the folder {str(path.parent)!r} for database {self.url!r}: "
                     f"{exc.strerror or exc}"
                 ) from exc
+            try:
+                # Conversations are private: the database (and its -wal/-shm files, which SQLite
+                # creates with the main file's mode) is readable by its owner only.
+                os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+                os.chmod(path, 0o600)
+            except OSError as exc:
+                raise StorageError(f"cannot create the database file {str(path)!r}: {exc.strerror or exc}") from exc
         threads_before = set(threading.enumerate())
         engine = create_engine(self._url)
         self._engine = engine

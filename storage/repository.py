@@ -92,6 +92,12 @@ class Repository:
             query = select(Conversation).where(Conversation.platform == key.platform, Conversation.key == key.key)
             return (await session.scalars(query)).one()
 
+    async def find_conversation(self, key: ConversationKey) -> Conversation | None:
+        """The conversation for `key` if it exists; never creates one."""
+        async with self._transaction(write=False) as session:
+            query = select(Conversation).where(Conversation.platform == key.platform, Conversation.key == key.key)
+            return (await session.scalars(query)).one_or_none()
+
     async def get_conversation(self, conversation_id: int) -> Conversation | None:
         async with self._transaction(write=False) as session:
             return await session.get(Conversation, conversation_id)
@@ -233,6 +239,40 @@ class Repository:
             )
             return result.rowcount > 0
 
+    async def forget_author(self, conversation_id: int, author_id: str) -> tuple[int, list[int]]:
+        """`/forget`: archive everything `author_id` wrote in the conversation and the bot's replies
+        to it, and cancel their queued jobs, in one transaction. Returns (archived, cancelled ids)."""
+        async with self._transaction(write=True) as session:
+            theirs = select(Message.id).where(
+                Message.conversation_id == conversation_id, Message.author_id == author_id, Message.role == Role.USER
+            )
+            replies = select(Job.reply_message_id).where(Job.message_id.in_(theirs), Job.reply_message_id.is_not(None))
+            result = await session.execute(
+                update(Message)
+                .where(Message.conversation_id == conversation_id, Message.archived.is_(False))
+                .where(Message.id.in_(theirs) | Message.id.in_(replies))
+                .values(archived=True)
+                .execution_options(synchronize_session=False)
+            )
+            cancelled = await self._set_status(
+                session,
+                [Job.message_id.in_(theirs), Job.status == JobStatus.QUEUED],
+                status=JobStatus.CANCELLED,
+                finished_at=utcnow(),
+            )
+            return result.rowcount, cancelled
+
+    async def archive_message(self, conversation_id: int, platform_message_id: str) -> bool:
+        """A message deleted on its platform leaves the history (archived, like /reset does)."""
+        async with self._transaction(write=True) as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.conversation_id == conversation_id, Message.platform_message_id == platform_message_id)
+                .values(archived=True)
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount > 0
+
     async def get_message(self, message_id: int) -> Message | None:
         async with self._transaction(write=False) as session:
             return await session.get(Message, message_id)
@@ -258,6 +298,7 @@ class Repository:
         created_at: datetime | None = None,
         max_pending: int,
         max_pending_per_conversation: int,
+        max_pending_per_user: int | None = None,
     ) -> tuple[Message, Job | None, bool]:
         """Record a user message and queue a job to answer it, in one transaction.
 
@@ -291,7 +332,17 @@ class Repository:
                 return message, job, False
             waiting_here = await self._count_pending(session, conversation_id)
             waiting_total = await self._count_pending(session, None)
-            if waiting_here >= max_pending_per_conversation:
+            waiting_yours = (
+                await self._count_pending_for_author(session, conversation_id, author_id)
+                if max_pending_per_user is not None
+                else 0
+            )
+            if max_pending_per_user is not None and waiting_yours >= max_pending_per_user:
+                full = (
+                    f"you already have {waiting_yours} request{'s' if waiting_yours != 1 else ''} waiting "
+                    f"(limit {max_pending_per_user}); try again when one is answered"
+                )
+            elif waiting_here >= max_pending_per_conversation:
                 full = (
                     f"{waiting_here} requests from this conversation are already waiting "
                     f"(limit {max_pending_per_conversation}); try again when one is answered"
@@ -464,6 +515,19 @@ class Repository:
         query = select(func.count()).select_from(Job).where(Job.status.in_(PENDING_STATUSES))
         if conversation_id is not None:
             query = query.where(Job.conversation_id == conversation_id)
+        return int((await session.scalar(query)) or 0)
+
+    @staticmethod
+    async def _count_pending_for_author(session: AsyncSession, conversation_id: int, author_id: str) -> int:
+        """Pending jobs of this author across the conversations of the same platform."""
+        platform = select(Conversation.platform).where(Conversation.id == conversation_id).scalar_subquery()
+        query = (
+            select(func.count())
+            .select_from(Job)
+            .join(Message, Message.id == Job.message_id)
+            .join(Conversation, Conversation.id == Job.conversation_id)
+            .where(Job.status.in_(PENDING_STATUSES), Message.author_id == author_id, Conversation.platform == platform)
+        )
         return int((await session.scalar(query)) or 0)
 
     @staticmethod

@@ -174,7 +174,7 @@ async def test_sqlite_pragmas(database: Database) -> None:
             name: (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
             for name in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")
         }
-    assert pragma == {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 30000, "synchronous": 1}
+    assert pragma == {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 30000, "synchronous": 2}  # FULL
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -558,7 +558,7 @@ async def test_concurrent_read_then_write_transactions_do_not_hit_locked_errors(
 
 
 async def test_a_folder_in_place_of_the_database_file_is_a_storage_error(tmp_path: Path) -> None:
-    with pytest.raises(StorageError, match="cannot open or migrate database") as caught:
+    with pytest.raises(StorageError, match="cannot create the database file|cannot open or migrate database") as caught:
         await Database(sqlite_url(tmp_path)).start()
     assert str(tmp_path) in str(caught.value)
 
@@ -592,3 +592,10 @@ def test_history_is_first_delivery_order_without_duplicates(deliveries: list[tup
 
     with tempfile.TemporaryDirectory() as folder:
         asyncio.run(scenario(Path(folder) / "parley.db"))
+
+
+async def test_the_database_file_is_readable_by_its_owner_only(tmp_path):
+    path = tmp_path / "private" / "parley.db"
+    async with Database(f"sqlite+aiosqlite:///{path}"):
+        pass
+    assert path.stat().st_mode & 0o777 == 0o600
