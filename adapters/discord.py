@@ -37,7 +37,7 @@ MAX_LENGTH = 2000
 TEXT_ONLY = "I can only read text messages for now."
 NO_PINGS = discord.AllowedMentions.none()
 ANSWER_WITHIN = 2.0  # Discord wants an interaction answered within 3 s; past this, defer first
-PRIVATE_ANSWERS = {"help", "status"}
+PRIVATE_ANSWERS = {"help", "status", "forget"}
 
 
 class _DiscordStream(EditingReplyStream):
@@ -302,6 +302,10 @@ class DiscordAdapter(Adapter):
         @tree.command(name="status", description=HELP["status"].split(": ", 1)[1][:100])
         async def status(interaction: discord.Interaction) -> None:
             await adapter._run_command(interaction, "/status")
+
+        @tree.command(name="forget", description="Delete your own messages (and the replies to them) from this conversation")
+        async def forget(interaction: discord.Interaction) -> None:
+            await adapter._run_command(interaction, "/forget")
 
         @tree.command(name="reset", description="Forget this channel's history (optionally set a new system prompt)")
         @app_commands.describe(system_prompt="A new system prompt for this channel")

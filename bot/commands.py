@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = ["COMMANDS", "ADMIN_COMMANDS", "ParsedCommand", "parse_command", "run_command", "parse_settings_args"]
 
 MAX_SYSTEM_PROMPT = 4000
+MAX_COMMAND_CHARS = MAX_SYSTEM_PROMPT + 100
 
 HELP = {
     "help": "/help: this list",
@@ -24,6 +25,7 @@ HELP = {
     "system": "/system [text | clear | default]: show or set the system prompt (admins in shared chats)",
     "set": "/set key=value ...: temperature (0-2), top_p (0.01-1), max_new_tokens (1-4096), or key=default (admins in shared chats)",
     "status": "/status: model, queue, your place in it, history size and settings",
+    "forget": "/forget: delete your own messages (and the replies to them) from this conversation",
 }
 COMMANDS = tuple(HELP)
 ADMIN_COMMANDS = frozenset({"reset", "system", "set"})
@@ -176,7 +178,24 @@ async def _status(router: Router, message: IncomingMessage, args: str) -> str:
     )
 
 
-HANDLERS: dict[str, Handler] = {"help": _help, "reset": _reset, "system": _system, "set": _set, "status": _status}
+async def _forget(router: Router, message: IncomingMessage, args: str) -> str:
+    conversation = await router.conversation_for(message)
+    archived, cancelled = await router.queue.forget(conversation.id, message.author.id)
+    await router.audit(message, conversation.id, "forget", f"archived={archived} cancelled={cancelled}")
+    if not archived and not cancelled:
+        return "There was nothing of yours to forget here."
+    reply = f"Forgot {archived} message{'s' if archived != 1 else ''} (yours and the replies to them)"
+    return reply + (f"; {cancelled} waiting repl{'ies' if cancelled != 1 else 'y'} cancelled." if cancelled else ".")
+
+
+HANDLERS: dict[str, Handler] = {
+    "help": _help,
+    "reset": _reset,
+    "system": _system,
+    "set": _set,
+    "status": _status,
+    "forget": _forget,
+}
 
 
 async def run_command(router: Router, message: IncomingMessage, command: ParsedCommand) -> str:

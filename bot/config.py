@@ -59,6 +59,8 @@ class BotSettings:
     system_prompt: str = "You are a helpful assistant."
     log_level: str = field(default="INFO", metadata=_choice("DEBUG", "INFO", "WARNING", "ERROR"))
     log_file: str = ""
+    max_input_chars: int = field(default=8000, metadata=_range(1, 1_000_000))
+    """Longer messages get a clear refusal and are not sent to the model."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +81,17 @@ class WorkerSettings:
     ready_timeout: float = field(default=600.0, metadata=_range(1, 86_400))
     max_attempts: int = field(default=3, metadata=_range(1, 20))
     threads: int = field(default=0, metadata=_range(0, 1024))
+    stall_timeout: float = field(default=120.0, metadata=_range(1, 86_400))
+    """A worker that sends nothing for this long while it holds jobs is taken as hung and replaced."""
 
 
 @dataclass(frozen=True, slots=True)
 class QueueSettings:
     max_pending: int = field(default=64, metadata=_range(1, 100_000))
     max_pending_per_conversation: int = field(default=4, metadata=_range(1, 1_000))
+    max_pending_per_user: int = field(default=2, metadata=_range(1, 1_000))
+    user_messages_per_minute: int = field(default=20, metadata=_range(1, 100_000))
+    """Messages one user may send the bot per minute (in any conversation) before being asked to wait."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,6 +100,7 @@ class GenerationQueue:
                 reply_to=message.reply_to,
                 max_pending=self.settings.queue.max_pending,
                 max_pending_per_conversation=self.settings.queue.max_pending_per_conversation,
+                max_pending_per_user=self.settings.queue.max_pending_per_user,
             )
         except QueueFull as exc:
             raise QueueFull(f"I'm busy right now ({exc}). Please try again in a minute.") from None
@@ -118,6 +119,14 @@ class GenerationQueue:
             self._cancelled.add(job_id)
             await self.client.cancel(job_id)
         return archived, len(cancelled_ids) + len(running)
+
+    async def forget(self, conversation_id: int, author_id: str) -> tuple[int, int]:
+        """A user's `/forget`: their messages and the replies to them leave the history; their
+        waiting jobs are cancelled. Returns (archived, cancelled)."""
+        archived, cancelled_ids = await self.repo.forget_author(conversation_id, author_id)
+        for job_id in cancelled_ids:
+            self._resolve(job_id, JobStatus.CANCELLED.value)
+        return archived, len(cancelled_ids)
 
     async def depth(self) -> int:
         return await self.repo.pending_count()

@@ -7,11 +7,15 @@ bot should answer is recorded and queued; any other message is only recorded as 
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .commands import ADMIN_COMMANDS, parse_command, run_command
+from .commands import ADMIN_COMMANDS, MAX_COMMAND_CHARS, parse_command, run_command
 from .errors import ParleyError, QueueFull
+from .text import normalize_text
 from .types import ConversationKey, IncomingMessage, Role
 
 if TYPE_CHECKING:
@@ -21,13 +25,11 @@ if TYPE_CHECKING:
     from .generation import GenerationClient
     from .queue import GenerationQueue
 
-__all__ = ["Router", "RouteResult", "MAX_MESSAGE_CHARS"]
+__all__ = ["Router", "RouteResult"]
 
 log = logging.getLogger("parley.router")
 
-# Longer messages are refused outright; anything shorter that still overflows the model's
-# context is trimmed (oldest turns first) by the worker.
-MAX_MESSAGE_CHARS = 16_000
+RATE_WINDOW = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,7 @@ class Router:
         self.queue = queue
         self.client = client
         self._bot_usernames: dict[str, str] = {}
+        self._recent: defaultdict[tuple[str, str], deque[float]] = defaultdict(deque)
 
     def set_bot_username(self, platform: str, username: str) -> None:
         """So `/cmd@thisbot` is ours and `/cmd@otherbot` is not."""
@@ -69,17 +72,20 @@ class Router:
     async def _handle(self, message: IncomingMessage) -> RouteResult:
         if message.author.is_bot:
             return RouteResult("ignored")
-        text = message.text.strip()
+        text = normalize_text(message.text)
+        limit = self.settings.bot.max_input_chars
         if text.startswith("/"):
             command = parse_command(text, self._bot_usernames.get(message.conversation.platform))
             if command is None:
                 return RouteResult("ignored")
+            if len(text) > max(limit, MAX_COMMAND_CHARS):
+                return RouteResult("refused", reply=f"That command is too long ({len(text)} characters).")
             return RouteResult("command", reply=await run_command(self, message, command))
         if not text:
             return RouteResult("ignored")
-        if len(text) > MAX_MESSAGE_CHARS:
+        if message.addressed and len(text) > limit:
             return RouteResult(
-                "refused", reply=f"That message is too long ({len(text)} characters; the limit is {MAX_MESSAGE_CHARS})."
+                "refused", reply=f"That message is too long ({len(text)} characters; the limit is {limit}). Nothing was sent to the model."
             )
         conversation = await self.conversation_for(message)
         if not message.addressed:
@@ -88,12 +94,17 @@ class Router:
                 role=Role.USER.value,
                 author_id=message.author.id,
                 author_name=message.author.name,
-                text=text,
+                text=text[:limit],
                 platform_message_id=message.message_id,
                 reply_to=message.reply_to,
                 created_at=message.sent_at,
             )
             return RouteResult("recorded")
+        wait = self._rate_limited(message)
+        if wait is not None:
+            return RouteResult(
+                "busy", reply=f"You're sending messages faster than I can answer; try again in {wait} s."
+            )
         try:
             job, created = await self.queue.enqueue(conversation.id, message, text)
         except QueueFull as exc:
@@ -101,6 +112,17 @@ class Router:
         if not created:
             return RouteResult("duplicate", job_id=job.id if job else None)
         return RouteResult("queued", job_id=job.id if job else None)
+
+    def _rate_limited(self, message: IncomingMessage) -> int | None:
+        """Seconds until this user may send again, or None. A sliding one-minute window per user."""
+        now = time.monotonic()
+        recent = self._recent[(message.conversation.platform, message.author.id)]
+        while recent and now - recent[0] > RATE_WINDOW:
+            recent.popleft()
+        if len(recent) >= self.settings.queue.user_messages_per_minute:
+            return max(1, math.ceil(RATE_WINDOW - (now - recent[0])))
+        recent.append(now)
+        return None
 
     async def handle_edit(self, message: IncomingMessage) -> bool:
         """A user edited a message: the stored text follows (the answer already given stays)."""

@@ -54,6 +54,8 @@ __all__ = [
     "ModelLoadError",
     "LoadedModel",
     "load_model",
+    "model_folder",
+    "IGNORE_EOS_ENV",
     "IncrementalDetokenizer",
     "Engine",
     "main",
@@ -125,7 +127,12 @@ def _choose_dtype(setting: str, device: str, quantization: str) -> torch.dtype:
 def _choose_quantization(setting: str, device: str) -> str:
     if setting != "auto":
         return setting
-    # On CPU nf4 saves no memory (bitsandbytes keeps a dequantized path) and bf16 is faster.
+    # On CPU, no quantization. Measured with the embedded SmolLM2-135M on a 2-core avx512_bf16 CPU
+    # (bitsandbytes 0.50, the engine on the process's main thread, 64 new tokens): bf16 made 53
+    # tokens/s alone and 533 in a batch of 16 at 654 MB RSS; nf4 with bf16 compute made 68 and 584
+    # but took 807 MB (bitsandbytes keeps extra buffers) and, quantizing weights that were already
+    # 4-bit in the GGUF a second time, visibly hurt the answers (12 x 12 = 24); fp32 made 28 and 212
+    # at 908 MB. bf16 is therefore chosen by `_choose_dtype` where the CPU has bf16 instructions.
     return "4bit" if device == "cuda" else "none"
 
 
@@ -237,6 +244,12 @@ def _source_folder(settings: ModelSettings, progress: ProgressCallback) -> tuple
         )
     name = Path(source).name if os.path.isdir(source) else settings.model
     return source, name
+
+
+def model_folder(model_settings: ModelSettings, progress: ProgressCallback | None = None) -> str:
+    """The transformers folder or hub id the worker loads for `model_settings` (a GGUF converted once);
+    for tools that load the same weights themselves, such as the benchmark's baselines."""
+    return _source_folder(model_settings, progress or (lambda stage, text: None))[0]
 
 
 def load_model(
@@ -357,6 +370,22 @@ class IncrementalDetokenizer:
 
 # --- the engine ---------------------------------------------------------------------------
 
+# A running job's text goes out at most once per this many seconds (its first text and its last
+# always at once). On CPU a step of one job takes ~20 ms, and each message costs the bot process
+# a JSON decode and a reply-stream update on the same few cores; 50 ms is still instant to a reader.
+_DELTA_INTERVAL_S = 0.05
+# At most this many prompt tokens (left padding included) are prefilled between two decode steps:
+# it bounds the activation memory of a prefill and how long running jobs stall for newcomers.
+# A single prompt longer than this is still prefilled, alone.
+_PREFILL_TOKENS = 4096
+# The share of the memory free after loading that the KV cache may fill (see `_kv_budget_bytes`).
+_KV_MEMORY_SHARE = 0.5
+# Benchmarks only (bench/throughput.py): stop at max_new_tokens, never at an end-of-turn token, so
+# every reply has the same length. An environment variable of the worker process, not a config
+# key or a per-job setting, so no user of the bot can reach it.
+IGNORE_EOS_ENV = "PARLEY_BENCH_IGNORE_EOS"
+_ignore_eos_told: list[bool] = []
+
 
 @dataclass(eq=False)
 class _Job:
@@ -376,6 +405,14 @@ class _Row:
     detokenizer: IncrementalDetokenizer
     completion_tokens: int = 0
     finish_reason: str | None = None
+    length: int = 0
+    """KV-cache columns this row fills: its prompt and the tokens fed back so far (the rest is padding)."""
+    streamed: bool = False
+
+    @property
+    def most_columns(self) -> int:
+        """The most KV-cache columns this row can ever fill."""
+        return len(self.prompt_ids) + self.job.settings.max_new_tokens
 
 
 @dataclass
@@ -384,23 +421,94 @@ class EngineStats:
     largest_batch: int = 0
     jobs_done: int = 0
     jobs_failed: int = 0
+    admitted_mid_batch: int = 0
+    held_for_memory: int = 0
+
+
+def _kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
+    config = model.config.get_text_config()
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or getattr(config, "hidden_size", 64) // heads)
+    layers = int(getattr(config, "num_hidden_layers", 1) or 1)
+    return 2 * layers * kv_heads * head_dim * dtype.itemsize
+
+
+def _kv_budget_bytes(device: torch.device) -> int:
+    """`_KV_MEMORY_SHARE` of the memory free now (after loading): on the GPU, or MemAvailable on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * _KV_MEMORY_SHARE)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * _KV_MEMORY_SHARE)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * _KV_MEMORY_SHARE)
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # no way to tell: only max_batch bounds the batch
+
+
+def _left_pad(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
+    """`tensor` with `columns` zero columns in front along `dim` (a sequence dimension)."""
+    if columns <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = columns
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 class _DecodeBatch:
-    """Rows decoded together: left-padded prompts, one shared KV cache, one forward pass a step.
+    """The running batch: left-padded rows, one shared KV cache, one forward pass a step.
 
-    Why our own loop rather than `model.generate()` with a streamer and a per-row logits processor:
-    a step boundary here is where every row's new text becomes one `Deltas` message, where
-    cancelled and finished rows leave the batch (their KV-cache rows are cut out, so a short reply
-    next to a long one stops costing compute; generate() keeps decoding finished rows as padding),
-    where each row applies its own temperature/top_p/max_new_tokens/stop tokens without bending
-    generate's batch-wide options, and where continuous admission will splice new rows in later.
+    Rows come and go between steps (continuous batching). A newcomer's prompt is prefilled on its
+    own (with the other newcomers of that step, left-padded among themselves) into a fresh cache,
+    which is then spliced under the running one: both are right-aligned on a common width, the
+    shorter side getting empty, masked-out columns on the left. Position ids count each row's real
+    tokens only, so a row sees exactly the positions and keys it would see alone. A finished or
+    cancelled row is cut out of the cache at once, and columns no remaining row uses are dropped,
+    so the cache never carries a departed row's length.
+
+    Why our own loop and not `model.generate()` or transformers' continuous-batching manager:
+    measured on a 2-core CPU with SmolLM2-135M, 16 prompts of 64 new tokens, a left-padded
+    `generate` batch made ~194 tokens/s and the continuous-batching manager (paged attention,
+    built for GPUs) ~120, while this loop decodes a left-padded DynamicCache batch at the speed of
+    `generate` (it runs the same forward passes) and, unlike `generate`, lets rows join and leave
+    at every step, each with its own temperature/top_p/max_new_tokens/stop tokens. On CUDA the
+    same holds for moderate batch sizes; a serving engine (vLLM, TGI) is the way past them.
     """
 
-    def __init__(self, engine: Engine, rows: list[_Row]) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.rows = rows
-        model = engine.model
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.attention: torch.Tensor | None = None  # [rows, width]: 1 where a column holds a real token
+        self.positions: torch.Tensor | None = None  # [rows, 1]: the position of each row's last token
+        self.logits: torch.Tensor | None = None  # [rows, vocabulary]: scores of each row's next token
+
+    @property
+    def width(self) -> int:
+        return 0 if self.attention is None else self.attention.shape[1]
+
+    def _forward(
+        self, input_ids: torch.Tensor, attention: torch.Tensor | None, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        out = self.engine.model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+    def admit(self, rows: list[_Row]) -> None:
+        """Prefill `rows` and add them to the batch; on failure the running rows are untouched."""
+        engine = self.engine
         device = engine.device
         width = max(len(row.prompt_ids) for row in rows)
         input_ids = torch.full((len(rows), width), engine.pad_id, dtype=torch.long)
@@ -409,32 +517,64 @@ class _DecodeBatch:
             input_ids[index, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, dtype=torch.long)
             attention[index, width - len(row.prompt_ids) :] = 1
         # Positions count real tokens only, so a left-padded row sees the same positions as alone.
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        self.attention = attention.to(device)
-        self.cache = DynamicCache(config=model.config)
-        out = model(
-            input_ids=input_ids.to(device),
-            attention_mask=self.attention,
-            position_ids=positions.to(device),
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.logits = out.logits[:, -1, :]
-        self.positions = positions[:, -1:].to(device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0).to(device)
+        attention = attention.to(device)
+        cache = DynamicCache(config=engine.model.config)
+        # Without padding no mask is needed (the common single-stream case), which saves building one.
+        padded = any(len(row.prompt_ids) < width for row in rows)
+        logits = self._forward(input_ids.to(device), attention if padded else None, positions, cache)
+        for row in rows:
+            row.length = len(row.prompt_ids)
+        positions = positions[:, -1:]
+        if not self.rows:
+            self.rows, self.cache, self.attention, self.positions, self.logits = list(rows), cache, attention, positions, logits
+            return
+        assert self.cache is not None and self.attention is not None
+        grow_running, grow_new = max(0, width - self.width), max(0, self.width - width)
+        for running_layer, new_layer in zip(self.cache.layers, cache.layers, strict=True):
+            running_layer.keys = torch.cat(
+                [_left_pad(running_layer.keys, grow_running, -2), _left_pad(new_layer.keys, grow_new, -2)]
+            )
+            running_layer.values = torch.cat(
+                [_left_pad(running_layer.values, grow_running, -2), _left_pad(new_layer.values, grow_new, -2)]
+            )
+        self.attention = torch.cat([_left_pad(self.attention, grow_running, 1), _left_pad(attention, grow_new, 1)])
+        self.positions = torch.cat([self.positions, positions])
+        self.logits = torch.cat([self.logits, logits.to(self.logits.dtype)])
+        self.rows += rows
+
+    def _keep(self, keep: list[int]) -> None:
+        """Cut every row but `keep` out of the batch, and the columns only they used."""
+        self.rows = [self.rows[index] for index in keep]
+        if not keep:
+            self.cache = self.attention = self.positions = self.logits = None
+            return
+        assert self.cache is not None and self.attention is not None and self.positions is not None
+        selected = torch.tensor(keep, device=self.attention.device)
+        self.cache.batch_select_indices(selected)
+        self.attention = self.attention[selected]
+        self.positions = self.positions[selected]
+        unused = self.width - max(row.length for row in self.rows)
+        if unused > 0:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, unused:]
+                layer.values = layer.values[:, :, unused:]
+            self.attention = self.attention[:, unused:]
 
     def step(self) -> tuple[dict[int, str], list[_Row]]:
         """Pick each row's next token; return the new text by job id and the rows that finished."""
+        assert self.logits is not None
         tokens = self.engine.sample(self.logits, [row.job.settings for row in self.rows])
         texts: dict[int, str] = {}
         finished: list[_Row] = []
         keep: list[int] = []
+        stop_ids = self.engine.stop_ids
         for index, (row, token) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
             if row.job.cancelled:
                 row.finish_reason = "cancelled"
             else:
                 row.completion_tokens += 1
-                if token in self.engine.stop_ids:
+                if token in stop_ids:
                     row.finish_reason = "stop"
                 else:
                     text = row.detokenizer.add(token)
@@ -451,28 +591,29 @@ class _DecodeBatch:
             finished.append(row)
 
         if len(keep) < len(self.rows):
-            self.rows = [self.rows[index] for index in keep]
+            self._keep(keep)
             if keep:
-                selected = torch.tensor(keep, device=self.attention.device)
-                self.cache.batch_select_indices(selected)
-                self.attention = self.attention[selected]
-                self.positions = self.positions[selected]
-                tokens = tokens[selected.to(tokens.device)]
+                tokens = tokens[torch.tensor(keep, device=tokens.device)]
         if self.rows:
-            # (Continuous admission would prefill waiting jobs here and splice them into the cache.)
-            self.attention = torch.cat(
-                [self.attention, self.attention.new_ones((self.attention.shape[0], 1))], dim=-1
-            )
+            assert self.attention is not None and self.positions is not None
+            self.attention = torch.cat([self.attention, self.attention.new_ones((len(self.rows), 1))], dim=-1)
             self.positions = self.positions + 1
-            out = self.engine.model(
-                input_ids=tokens[:, None].to(self.attention.device),
-                attention_mask=self.attention,
-                position_ids=self.positions,
-                cache=self.cache,
-                use_cache=True,
+            width = self.attention.shape[1]
+            padded = False
+            for row in self.rows:
+                row.length += 1
+                padded = padded or row.length < width
+            assert self.cache is not None
+            self.logits = self._forward(
+                tokens[:, None].to(self.attention.device), self.attention if padded else None, self.positions, self.cache
             )
-            self.logits = out.logits[:, -1, :]
         return texts, finished
+
+
+def _splices(cache: DynamicCache) -> bool:
+    # Splicing rewrites each layer's plain key/value tensors; sliding-window, quantized or
+    # offloaded layers keep more state than that, so batches of those models take no newcomers.
+    return all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
 
 
 class Engine:
@@ -481,10 +622,21 @@ class Engine:
     `submit` and `cancel` may be called from any thread; `run` loops on one thread until `stop`.
     Everything the engine has to say goes out through `emit` as `bot.protocol` messages: the
     worker process writes them to its stdout, the in-process client hands them to its event loop.
-    Jobs arriving while a batch decodes wait for the next batch.
+
+    Admission is continuous: before every decode step, waiting jobs join the running batch while
+    it has fewer than `max_batch` rows and the KV cache's worst case (rows × the longest
+    prompt + max_new_tokens among them, since rows share one padded width) fits the memory budget
+    (`kv_budget_bytes`, by default half the memory free after loading). A job that does not fit
+    waits for rows to leave; one job alone is always admitted.
     """
 
-    def __init__(self, loaded: LoadedModel, emit: Callable[[protocol.FromWorker], None]) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        emit: Callable[[protocol.FromWorker], None],
+        *,
+        kv_budget_bytes: int | None = None,
+    ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.info = loaded.info
@@ -495,11 +647,22 @@ class Engine:
         self.stats = EngineStats()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.stop_ids = self._stop_token_ids()
+        if os.environ.get(IGNORE_EOS_ENV) == "1":
+            if not _ignore_eos_told:
+                _ignore_eos_told.append(True)
+                log.warning("%s=1: replies run to max_new_tokens, ignoring end-of-turn tokens (benchmarks only)", IGNORE_EOS_ENV)
+            self.stop_ids = frozenset()
+        compute_dtype = getattr(torch, loaded.info.dtype, torch.float32)
+        self.kv_bytes_per_token = _kv_bytes_per_token(self.model, compute_dtype)
+        self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else _kv_budget_bytes(self.device)
         self._waiting: deque[_Job] = deque()
         self._running: dict[int, _Job] = {}
+        self._held: deque[_Row] = deque()  # prepared, waiting for room in the batch (engine thread only)
         self._wakeup = threading.Condition()
         self._stopping = False
-        self._next_batch = 1
+        self._batch_id = 0
+        self._pending_texts: dict[int, str] = {}
+        self._last_flush = 0.0
 
     def _stop_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -514,7 +677,7 @@ class Engine:
     # -- called from any thread --
 
     def submit(self, job_id: int, messages: Sequence[ChatMessage], settings: GenerationSettings) -> None:
-        """Queue a job for the next batch."""
+        """Queue a job; it joins the running batch at the next decode step there is room."""
         with self._wakeup:
             if self._stopping:
                 return
@@ -534,6 +697,7 @@ class Engine:
                 self._waiting.remove(waiting)
             elif job_id in self._running:
                 self._running[job_id].cancelled = True
+                self._wakeup.notify()
         if waiting is not None:
             self.emit(protocol.Done(job_id, "cancelled", prompt_tokens=0, completion_tokens=0))
 
@@ -551,73 +715,137 @@ class Engine:
     # -- the engine thread --
 
     def run(self) -> None:
-        """Take batches of waiting jobs and decode them, until `stop`."""
+        """Admit waiting jobs and decode the running batch one step at a time, until `stop`."""
+        batch = _DecodeBatch(self)
         while True:
             with self._wakeup:
-                while not self._waiting and not self._stopping:
+                while not self._waiting and not self._held and not batch.rows and not self._stopping:
                     self._wakeup.wait()
                 if self._stopping:
                     return
-                jobs = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+                room = self.max_batch - len(batch.rows) - len(self._held)
+                jobs = [self._waiting.popleft() for _ in range(max(0, min(room, len(self._waiting))))]
                 self._running.update((job.job_id, job) for job in jobs)
-            try:
-                self._run_batch(jobs)
-            finally:
-                with self._wakeup:
-                    for job in jobs:
-                        self._running.pop(job.job_id, None)
+            for job in jobs:
+                row = self._prepare_or_fail(job)
+                if row is not None:
+                    self._held.append(row)
+            if self._held:
+                self._admit(batch)
+            if batch.rows:
+                batch = self._step(batch)
 
-    def _run_batch(self, jobs: list[_Job]) -> None:
-        rows = []
-        for job in jobs:
-            try:
-                rows.append(self._prepare(job))
-            except JobFailed as exc:
-                self._fail(job.job_id, str(exc))
-            except Exception as exc:  # a chat template that rejects this chat, a tokenizer error...
-                log.exception("preparing the prompt of job %s failed", job.job_id)
-                self._fail(job.job_id, f"could not build the prompt: {type(exc).__name__}: {exc}")
+    def _prepare_or_fail(self, job: _Job) -> _Row | None:
+        try:
+            return self._prepare(job)
+        except JobFailed as exc:
+            self._fail(job.job_id, str(exc))
+        except Exception as exc:  # a chat template that rejects this chat, a tokenizer error...
+            log.exception("preparing the prompt of job %s failed", job.job_id)
+            self._fail(job.job_id, f"could not build the prompt: {type(exc).__name__}: {exc}")
+        return None
+
+    def _admit(self, batch: _DecodeBatch) -> None:
+        """Move held rows into the batch, in order, as far as the batch size, memory and prefill bounds allow."""
+        rows: list[_Row] = []
+        count = len(batch.rows)
+        most_columns = max((row.most_columns for row in batch.rows), default=0)
+        prefill_width = 0
+        splices = batch.cache is None or _splices(batch.cache)
+        while self._held:
+            row = self._held[0]
+            if row.job.cancelled:
+                self._held.popleft()
+                self._end(row, "cancelled")
+                continue
+            if count >= self.max_batch or (count and not splices):
+                break
+            columns = max(most_columns, row.most_columns)
+            if count and (count + 1) * columns * self.kv_bytes_per_token > self.kv_budget_bytes:
+                self.stats.held_for_memory += 1
+                break
+            width = max(prefill_width, len(row.prompt_ids))
+            if rows and (len(rows) + 1) * width > _PREFILL_TOKENS:
+                break
+            self._held.popleft()
+            rows.append(row)
+            count += 1
+            most_columns, prefill_width = columns, width
         if not rows:
             return
-        batch_id = self._next_batch
-        self._next_batch += 1
-        self.stats.batches += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+        joining = bool(batch.rows)
+        if not joining:
+            self._batch_id += 1
+            self.stats.batches += 1
+        else:
+            self.stats.admitted_mid_batch += len(rows)
+        self.stats.largest_batch = max(self.stats.largest_batch, count)
         for row in rows:
             self.emit(
                 protocol.Started(
-                    row.job.job_id, len(row.prompt_ids), row.dropped_messages, batch=batch_id, batch_size=len(rows)
+                    row.job.job_id, len(row.prompt_ids), row.dropped_messages, batch=self._batch_id, batch_size=count
                 )
             )
-        unfinished = list(rows)
         try:
             with torch.inference_mode():
-                batch = _DecodeBatch(self, rows)
-                while batch.rows:
-                    if self._stopping:
-                        return
-                    texts, finished = batch.step()
-                    # Text first, then the ends: a job's last delta must reach it before its Done.
-                    if texts:
-                        self.emit(protocol.Deltas(texts))
-                    for row in finished:
-                        unfinished.remove(row)
-                        self.stats.jobs_done += 1
-                        self.emit(
-                            protocol.Done(
-                                row.job.job_id,
-                                row.finish_reason or "stop",
-                                prompt_tokens=len(row.prompt_ids),
-                                completion_tokens=row.completion_tokens,
-                                dropped_messages=row.dropped_messages,
-                            )
-                        )
-        except Exception as exc:  # out of memory for this batch, a kernel failure...: fail these jobs only
-            log.exception("decoding batch %s failed", batch_id)
-            for row in unfinished:
+                batch.admit(rows)
+        except Exception as exc:  # out of memory for this prefill...: fail the newcomers only
+            log.exception("prefilling %d job(s) failed", len(rows))
+            for row in rows:
                 self._fail(row.job.job_id, f"generation failed: {type(exc).__name__}: {exc}")
 
+    def _step(self, batch: _DecodeBatch) -> _DecodeBatch:
+        """One decode step; returns the batch to go on with (a fresh one if this one failed)."""
+        try:
+            with torch.inference_mode():
+                texts, finished = batch.step()
+        except Exception as exc:  # out of memory for this batch, a kernel failure...: fail these jobs only
+            log.exception("decoding batch %s failed", self._batch_id)
+            for row in batch.rows:
+                self._pending_texts.pop(row.job.job_id, None)
+                self._fail(row.job.job_id, f"generation failed: {type(exc).__name__}: {exc}")
+            return _DecodeBatch(self)
+        self._send_texts(texts, batch.rows, finished)
+        for row in finished:
+            self._end(row, row.finish_reason or "stop")
+        return batch
+
+    def _send_texts(self, texts: dict[int, str], running: list[_Row], finished: list[_Row]) -> None:
+        """Coalesce deltas: send now if a job finished or has its first text, else at most every `_DELTA_INTERVAL_S`."""
+        urgent = bool(finished)
+        pending = self._pending_texts
+        for row in (*running, *finished):
+            text = texts.get(row.job.job_id)
+            if text:
+                pending[row.job.job_id] = pending.get(row.job.job_id, "") + text
+                if not row.streamed:
+                    row.streamed = urgent = True
+        if not pending:
+            return
+        now = time.monotonic()
+        if urgent or now - self._last_flush >= _DELTA_INTERVAL_S:
+            # Text first, then the ends: a job's last delta must reach it before its Done.
+            self.emit(protocol.Deltas(dict(pending)))
+            pending.clear()
+            self._last_flush = now
+
+    def _end(self, row: _Row, finish_reason: str) -> None:
+        with self._wakeup:
+            self._running.pop(row.job.job_id, None)
+        self.stats.jobs_done += 1
+        self.emit(
+            protocol.Done(
+                row.job.job_id,
+                finish_reason,
+                prompt_tokens=len(row.prompt_ids),
+                completion_tokens=row.completion_tokens,
+                dropped_messages=row.dropped_messages,
+            )
+        )
+
     def _fail(self, job_id: int, message: str) -> None:
+        with self._wakeup:
+            self._running.pop(job_id, None)
         self.stats.jobs_failed += 1
         self.emit(protocol.JobError(job_id, message))
 
@@ -669,7 +897,8 @@ class Engine:
         """One short generation, so the first user does not pay for lazy initialisation."""
         job = _Job(-1, (ChatMessage("user", "Hi"),), GenerationSettings(temperature=0.0, max_new_tokens=2))
         with torch.inference_mode():
-            batch = _DecodeBatch(self, [self._prepare(job)])
+            batch = _DecodeBatch(self)
+            batch.admit([self._prepare(job)])
             while batch.rows:
                 batch.step()
 

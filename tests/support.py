@@ -15,6 +15,8 @@ def make_settings(model_dir: Path, tmp_path: Path, **sections: dict) -> Settings
         "generation": {"max_new_tokens": 6, "temperature": 0.0},
         "worker": {"max_batch": 4},
         "bot": {"system_prompt": "You are a test bot."},
+        # Tests that are not about these limits send many messages as one user.
+        "queue": {"max_pending_per_user": 100, "user_messages_per_minute": 1000},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)

@@ -260,3 +260,61 @@ async def test_a_reply_that_keeps_killing_the_worker_ends_in_a_clear_error(tiny_
         follow_up = await fake.say("hello again", direct=True, chat="dm", )
         assert await app.router.wait_for(follow_up.job_id) == "done"
     assert any("worker" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+
+
+async def test_per_user_pending_limit_and_message_rate_limit(tiny_model_dir, tmp_path):
+    settings = make_settings(
+        tiny_model_dir, tmp_path, queue={"max_pending_per_user": 2, "user_messages_per_minute": 4}
+    )
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
+        await app.queue.stop()  # hold dispatch so jobs stay pending
+        assert (await fake.say("one", chat="a", user="ann")).action == "queued"
+        assert (await fake.say("two", chat="b", user="ann")).action == "queued"
+        third = await fake.say("three", chat="c", user="ann")
+        assert third.action == "busy"
+        assert third.reply.startswith("I'm busy right now (you already have 2 requests waiting (limit 2)")
+        assert (await fake.say("hi", chat="c", user="bob")).action == "queued"  # others are not held up
+        fourth = await fake.say("four", chat="c", user="ann")  # ann's 4th message this minute: allowed
+        assert fourth.action == "busy" and "you already have 2" in fourth.reply
+        fifth = await fake.say("five", chat="c", user="ann")
+        assert fifth.action == "busy"
+        assert fifth.reply.startswith("You're sending messages faster than I can answer; try again in ")
+        seconds = int(fifth.reply.rsplit("in ", 1)[1].split()[0])
+        assert 1 <= seconds <= 60
+
+
+async def test_bad_input_gets_clear_answers_and_nothing_reaches_the_model(tiny_model_dir, tmp_path):
+    settings = make_settings(tiny_model_dir, tmp_path, bot={"max_input_chars": 100})
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
+        long = await fake.say("x" * 101, direct=True, chat="dm")
+        assert long.action == "refused"
+        assert long.reply == "That message is too long (101 characters; the limit is 100). Nothing was sent to the model."
+        assert (await fake.say("\x00\x01 \u200b\t ", direct=True, chat="dm")).action in ("ignored", "queued")
+        huge_system = await fake.say("/system " + "y" * 10_000_000, direct=True, chat="dm")
+        assert huge_system.action == "refused" and "too long" in huge_system.reply
+        banana = await fake.say("/set temperature=banana", direct=True, chat="dm")
+        assert banana.reply.startswith("Nothing changed: temperature must be a number, not 'banana'")
+        unknown = await fake.say("/set unknown=1", direct=True, chat="dm")
+        assert unknown.reply.startswith("Nothing changed: unknown setting 'unknown'")
+        odd = await fake.say("hello \ud800 there\x07\r\nbye", direct=True, chat="dm")
+        assert odd.action == "queued"
+        await app.router.wait_for(odd.job_id)
+        job = await app.repo.get_job(odd.job_id)
+        assert job.prompt[-1]["content"] == "hello \ufffd there\nbye"
+        conversation = await app.repo.get_conversation(job.conversation_id)
+        assert conversation.system_prompt is None  # nothing above changed it
+
+
+async def test_forget_removes_only_the_authors_messages_and_replies(bot):
+    fake, app = bot
+    await answered(fake, app, "my secret is 42", user="ann", chat="room")
+    await answered(fake, app, "the weather is nice", user="bob", chat="room")
+    result = await fake.say("/forget", user="ann", chat="room")
+    assert result.reply == "Forgot 2 messages (yours and the replies to them)."
+    conversation = await app.repo.get_or_create_conversation(fake.message("x", chat="room").conversation, is_direct=False)
+    history = await app.repo.history(conversation.id)
+    assert [m.text for m in history if m.role == "user"] == ["the weather is nice"]
+    assert [m.role for m in history] == ["user", "assistant"]
+    assert (await fake.say("/forget", user="carl", chat="room")).reply == "There was nothing of yours to forget here."

@@ -104,7 +104,7 @@ async def test_a_mention_is_answered_through_the_worker_process(fake, world, tin
     app = await start_app(settings, in_process=False)
     try:
         synced = {c["name"] for c in fake.synced_commands[int(world.guild["id"])]}
-        assert synced == {"help", "reset", "system", "set", "status"}
+        assert synced == {"help", "reset", "system", "set", "status", "forget"}
         admin_only = {c["name"]: c.get("default_member_permissions") for c in fake.synced_commands[int(world.guild["id"])]}
         assert admin_only["reset"] == admin_only["system"] == admin_only["set"] == str(int(Permission.MANAGE_GUILD))
         assert admin_only["help"] is None and admin_only["status"] is None
