@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -50,6 +51,11 @@ class ReplyStream(abc.ABC):
     @abc.abstractmethod
     async def fail(self, notice: str) -> None: ...
 
+    @property
+    def posted_ids(self) -> list[str]:
+        """Platform ids of the messages posted so far (the queue persists them while streaming)."""
+        return []
+
 
 class Adapter(abc.ABC):
     """A platform. Long-lived: `start(core)` then `stop()`; nothing connects at construction."""
@@ -67,8 +73,11 @@ class Adapter(abc.ABC):
         """Disconnect; pending replies are left to the queue (they are persisted)."""
 
     @abc.abstractmethod
-    async def open_reply(self, conversation: ConversationKey, reply_to: str | None) -> ReplyStream:
-        """Begin a generated reply in `conversation`, answering message `reply_to` when given."""
+    async def open_reply(
+        self, conversation: ConversationKey, reply_to: str | None, resume: Sequence[str] = ()
+    ) -> ReplyStream:
+        """Begin a generated reply in `conversation`, answering message `reply_to` when given.
+        `resume` lists messages an interrupted attempt already posted: edit them, don't repost."""
 
     async def send(self, conversation: ConversationKey, text: str, reply_to: str | None = None) -> list[str]:
         """Send a plain message (a notice); the default goes through a reply stream."""
@@ -144,13 +153,18 @@ class EditingReplyStream(ReplyStream):
     at once, later text by throttled edits, and text past the platform's length limit continues in
     further messages. Subclasses say how to split, send and edit."""
 
-    def __init__(self, throttle: EditThrottle, throttle_key: object) -> None:
+    def __init__(self, throttle: EditThrottle, throttle_key: object, resume: Sequence[str] = ()) -> None:
         self.throttle = throttle
         self.throttle_key = throttle_key
-        self.messages: list[tuple[object, str]] = []  # (platform message id, text shown)
+        # (platform message id, text shown); messages of an interrupted attempt are edited over.
+        self.messages: list[tuple[object, str]] = [(message_id, "") for message_id in resume]
         self.latest = ""
         self._lock = asyncio.Lock()
         self._pending: asyncio.Task | None = None
+
+    @property
+    def posted_ids(self) -> list[str]:
+        return [str(message_id) for message_id, _ in self.messages]
 
     @abc.abstractmethod
     def split(self, text: str) -> list[str]: ...
@@ -176,7 +190,7 @@ class EditingReplyStream(ReplyStream):
         await self._cancel_pending()
         async with self._lock:
             await self._render(text)
-        return [str(message_id) for message_id, _ in self.messages]
+        return self.posted_ids
 
     async def fail(self, notice: str) -> None:
         await self._cancel_pending()
@@ -211,3 +225,8 @@ class EditingReplyStream(ReplyStream):
                     self.messages[index] = (message_id, chunk)
             else:
                 self.messages.append((await self.send(chunk, index), chunk))
+        for index in range(start + len(chunks), len(self.messages)):
+            message_id, shown = self.messages[index]
+            if shown != "…":  # left over from an interrupted, longer attempt
+                await self.edit(message_id, "…")
+                self.messages[index] = (message_id, "…")

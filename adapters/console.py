@@ -9,6 +9,7 @@ import getpass
 import sys
 import threading
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from bot.types import Author, ConversationKey, IncomingMessage
@@ -104,7 +105,10 @@ class ConsoleAdapter(Adapter):
             await asyncio.gather(self._task, return_exceptions=True)
         self.closed.set()
 
-    async def open_reply(self, conversation: ConversationKey, reply_to: str | None) -> ReplyStream:
+    async def open_reply(
+        self, conversation: ConversationKey, reply_to: str | None, resume: Sequence[str] = ()
+    ) -> ReplyStream:
+        # A terminal cannot edit what an earlier process printed: the reply is printed whole.
         return _ConsoleStream(self.stdout, self.bot_name)
 
     def _read_lines(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
 import discord
@@ -41,8 +42,10 @@ PRIVATE_ANSWERS = {"help", "status", "forget"}
 
 
 class _DiscordStream(EditingReplyStream):
-    def __init__(self, adapter: "DiscordAdapter", channel: discord.abc.Messageable, reply_to: Optional[int]) -> None:
-        super().__init__(adapter.throttle, getattr(channel, "id", None))
+    def __init__(
+        self, adapter: "DiscordAdapter", channel: discord.abc.Messageable, reply_to: Optional[int], resume: Sequence[int] = ()
+    ) -> None:
+        super().__init__(adapter.throttle, getattr(channel, "id", None), resume)  # type: ignore[arg-type]
         self.channel = channel
         self.reply_to = reply_to
         self._sent: dict[int, discord.Message] = {}
@@ -62,8 +65,9 @@ class _DiscordStream(EditingReplyStream):
         return message.id
 
     async def edit(self, message_id: object, chunk: str) -> None:
-        message = self._sent[int(message_id)]  # type: ignore[call-overload]
-        self._sent[message.id] = await message.edit(content=chunk, allowed_mentions=NO_PINGS)
+        message_id = int(message_id)  # type: ignore[call-overload]
+        message = self._sent.get(message_id) or self.channel.get_partial_message(message_id)  # type: ignore[attr-defined]
+        self._sent[message_id] = await message.edit(content=chunk, allowed_mentions=NO_PINGS)
 
 
 class _Client(discord.Client):
@@ -171,9 +175,12 @@ class DiscordAdapter(Adapter):
 
     # -- replies ---------------------------------------------------------------------------------
 
-    async def open_reply(self, conversation: ConversationKey, reply_to: Optional[str]) -> ReplyStream:
+    async def open_reply(
+        self, conversation: ConversationKey, reply_to: Optional[str], resume: Sequence[str] = ()
+    ) -> ReplyStream:
         channel = await self._channel(int(conversation.key))
-        return _DiscordStream(self, channel, int(reply_to) if reply_to and reply_to.isdigit() else None)
+        reply = int(reply_to) if reply_to and reply_to.isdigit() else None
+        return _DiscordStream(self, channel, reply, [int(i) for i in resume if i.isdigit()])
 
     async def _channel(self, channel_id: int) -> discord.abc.Messageable:
         if self.client is None:

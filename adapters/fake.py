@@ -8,6 +8,7 @@ the bot showed. Core tests read like conversations.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bot.types import Author, ConversationKey, IncomingMessage
@@ -45,6 +46,10 @@ class _FakeStream(ReplyStream):
     async def fail(self, notice: str) -> None:
         self.reply.failed = notice
 
+    @property
+    def posted_ids(self) -> list[str]:
+        return [self.reply.message_id] if self.reply.updates or self.reply.done else []
+
 
 class FakeAdapter(Adapter):
     """An in-memory platform; `platform` defaults to "fake"."""
@@ -64,8 +69,10 @@ class FakeAdapter(Adapter):
     async def stop(self) -> None:
         self.core = None
 
-    async def open_reply(self, conversation: ConversationKey, reply_to: str | None) -> ReplyStream:
-        reply = FakeReply(conversation, reply_to, message_id=f"bot-{next(self._ids)}")
+    async def open_reply(
+        self, conversation: ConversationKey, reply_to: str | None, resume: Sequence[str] = ()
+    ) -> ReplyStream:
+        reply = FakeReply(conversation, reply_to, message_id=resume[0] if resume else f"bot-{next(self._ids)}")
         self.replies.append(reply)
         return _FakeStream(reply)
 

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 # Read `RetryAfter.retry_after` as a timedelta, python-telegram-bot's coming behaviour, instead
@@ -54,8 +55,10 @@ def _parse_key(key: str) -> tuple[int, int | None]:
 
 
 class _TelegramStream(EditingReplyStream):
-    def __init__(self, adapter: TelegramAdapter, chat_id: int, thread_id: int | None, reply_to: int | None) -> None:
-        super().__init__(adapter.throttle, chat_id)
+    def __init__(
+        self, adapter: TelegramAdapter, chat_id: int, thread_id: int | None, reply_to: int | None, resume: Sequence[int] = ()
+    ) -> None:
+        super().__init__(adapter.throttle, chat_id, resume)  # type: ignore[arg-type]
         self.adapter = adapter
         self.chat_id = chat_id
         self.thread_id = thread_id
@@ -150,9 +153,12 @@ class TelegramAdapter(Adapter):
 
     # -- sending ---------------------------------------------------------------------------------
 
-    async def open_reply(self, conversation: ConversationKey, reply_to: str | None) -> ReplyStream:
+    async def open_reply(
+        self, conversation: ConversationKey, reply_to: str | None, resume: Sequence[str] = ()
+    ) -> ReplyStream:
         chat_id, thread_id = _parse_key(conversation.key)
-        return _TelegramStream(self, chat_id, thread_id, int(reply_to) if reply_to and reply_to.isdigit() else None)
+        reply = int(reply_to) if reply_to and reply_to.isdigit() else None
+        return _TelegramStream(self, chat_id, thread_id, reply, [int(i) for i in resume if i.isdigit()])
 
     async def _call(self, what: str, call):  # noqa: ANN001, ANN202
         """Run a Bot API call, waiting out flood control (RetryAfter) instead of losing the reply."""

@@ -260,16 +260,22 @@ class GenerationQueue:
                 await self.repo.requeue_job(job_id, f"no adapter for platform {conversation.platform!r} is running")
                 log.warning("job %d waits: the %s adapter is not running", job_id, conversation.platform)
                 return None
-            stream = await adapter.open_reply(key, trigger.platform_message_id if trigger else None)
+            # After a crash, the messages the interrupted attempt posted are edited, not reposted.
+            resume = job.reply_platform_ids or ()
+            stream = await adapter.open_reply(key, trigger.platform_message_id if trigger else None, resume)
             self._streams[job_id] = stream
         text = ""
         result: GenerationResult | None = None
+        saved_ids = list(job.reply_platform_ids or ())
         try:
             async for event in self.client.submit(GenerationRequest(job_id, chat, settings)):
                 if isinstance(event, TextDelta):
                     text += event.text
                     if text.strip():
                         await stream.update(text.lstrip())  # as the final reply will be: stripped
+                        if stream.posted_ids != saved_ids:  # a new message was posted: remember it
+                            saved_ids = stream.posted_ids
+                            await self.repo.set_reply_platform_ids(job_id, saved_ids)
                 else:
                     result = event
         except WorkerDead as exc:

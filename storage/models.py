@@ -194,6 +194,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     prompt: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
     reply_message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), default=None)
+    reply_platform_ids: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    """Platform ids of the messages the reply was posted in so far (kept while it streams)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -489,6 +489,13 @@ class Repository:
             job = await self._require(session, Job, job_id)
             return job.attempts
 
+    async def set_reply_platform_ids(self, job_id: int, ids: Sequence[str]) -> None:
+        """Remember where a streaming reply is posted, so a restart edits it instead of reposting."""
+        async with self._transaction(write=True) as session:
+            await session.execute(
+                update(Job).where(Job.id == job_id).values(reply_platform_ids=list(ids)).execution_options(synchronize_session=False)
+            )
+
     async def requeue_interrupted(self) -> int:
         """At start-up: jobs a crash left running go back to queued (attempts unchanged); how many."""
         async with self._transaction(write=True) as session:

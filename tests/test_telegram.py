@@ -283,3 +283,44 @@ async def test_parley_run_polls_and_stops_on_sigterm(fake, tiny_model_dir, tmp_p
     assert process.returncode == 0, stderr.decode()
     assert fake.token not in stderr.decode()
     assert "polling as @parley_bot" in stderr.decode()
+
+
+async def test_an_interrupted_reply_is_finished_by_editing_what_was_posted(fake, tiny_model_dir, tmp_path):
+    settings = telegram_settings(tiny_model_dir, tmp_path, fake)
+    user = fake.make_user("Ann")
+    app, adapter = await start_app(settings)
+    try:
+        await app.queue.stop()  # the job waits...
+        fake.add_private_message(user, "hello")
+        await fake.wait_until_delivered()
+        await fake.wait_for(lambda: True)
+        for _ in range(100):
+            [job] = await app.repo.queued_jobs() or [None]
+            if job is not None:
+                break
+            await asyncio.sleep(0.05)
+        # ...then an attempt starts, posts part of its reply, and the process dies.
+        assert await app.repo.mark_running(job.id, [])
+        stream = await adapter.open_reply(ConversationKey("telegram", str(user["id"])), None)
+        await stream.update("a partial rep")
+        await app.repo.set_reply_platform_ids(job.id, stream.posted_ids)
+    finally:
+        await app.stop()
+    assert len(fake.sent) == 1
+    app, adapter = await start_app(settings)  # the restart
+    try:
+        assert await app.router.wait_for(job.id) == "done"
+    finally:
+        await app.stop()
+    assert len(fake.sent) == 1  # not answered twice
+    final = (await _history_texts(settings, user))[-1]
+    assert fake.messages_in(user["id"]) == [final] and final != "a partial rep"
+
+
+async def _history_texts(settings, user):
+    from storage import Database, Repository
+
+    async with Database(settings.database_url()) as database:
+        repo = Repository(database.sessions)
+        conversation = await repo.find_conversation(ConversationKey("telegram", str(user["id"])))
+        return [m.text for m in await repo.history(conversation.id)]
