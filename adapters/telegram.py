@@ -1,5 +1,10 @@
 """Telegram, through python-telegram-bot's `Application`, started inside Parley's own event loop
-(`initialize()` / `start()` / `updater.start_polling()`, never `run_polling()`, which owns the loop).
+(`initialize()` / `start()`, never `run_polling()`, which owns the loop).
+
+Polling is Parley's own small loop rather than PTB's `Updater`: the Updater confirms a batch of
+updates to Telegram (the next getUpdates offset) as soon as it has queued them, before they are
+handled, so a crash in between loses them for good. Here an update is confirmed only after the
+router has recorded it; one redelivered after a crash is recognised and answered once.
 
 One conversation per chat, and per topic in forum supergroups. In private chats the bot answers
 every text message; in groups it answers when mentioned, when replied to, or through `/ask`, and
@@ -47,6 +52,7 @@ TYPING_EVERY = 4.5  # Telegram shows "typing…" for about 5 seconds per action
 MENU = [("start", "Say hello and list the commands"), ("ask", "Ask the bot in a group: /ask your question")]
 MENU += [(name, HELP[name].split(": ", 1)[1][:256]) for name in COMMANDS]
 SEND_ATTEMPTS = 5
+POLL_TIMEOUT = 25  # seconds a getUpdates long poll may wait for news
 
 
 def _parse_key(key: str) -> tuple[int, int | None]:
@@ -94,6 +100,7 @@ class TelegramAdapter(Adapter):
         self._seen_updates: OrderedDict[int, None] = OrderedDict()
         self.throttle = EditThrottle(config.edit_interval)
         self._background: set[asyncio.Task] = set()
+        self._poller: asyncio.Task | None = None
 
     @classmethod
     def from_config(cls, settings: Settings) -> TelegramAdapter:
@@ -112,6 +119,7 @@ class TelegramAdapter(Adapter):
             .base_url(base)
             .base_file_url(file_base)
             .rate_limiter(AIORateLimiter(max_retries=3))
+            .updater(None)
             .build()
         )
         application.add_handler(TypeHandler(Update, self._on_update))
@@ -135,18 +143,47 @@ class TelegramAdapter(Adapter):
         except TelegramError as exc:
             log.warning("could not register the command menu with setMyCommands: %s", exc)
         await application.start()
-        await application.updater.start_polling(allowed_updates=[Update.MESSAGE, Update.EDITED_MESSAGE])
+        try:
+            await application.bot.delete_webhook()  # polling and a webhook exclude each other
+        except TelegramError as exc:
+            log.warning("could not remove a webhook before polling: %s", exc)
+        self._poller = asyncio.create_task(self._poll(), name="parley-telegram-poll")
         log.info("Telegram: polling as @%s", self.username)
+
+    async def _poll(self) -> None:
+        """Long-poll getUpdates; each update is handled before its offset is confirmed."""
+        offset: int | None = None
+        failures = 0
+        while self.application is not None:
+            try:
+                updates = await self.application.bot.get_updates(
+                    offset=offset, timeout=POLL_TIMEOUT, allowed_updates=[Update.MESSAGE, Update.EDITED_MESSAGE]
+                )
+            except InvalidToken:
+                log.error("Telegram no longer accepts the bot token in $%s; polling stopped", self.config.token_env)
+                return
+            except (NetworkError, TelegramError) as exc:  # includes TimedOut and Conflict
+                failures += 1
+                delay = min(2.0**failures, 30.0)
+                log.warning("Telegram getUpdates failed (%s); trying again in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for update in updates:
+                try:
+                    await self.application.process_update(update)
+                except Exception:
+                    log.exception("handling Telegram update %s failed", update.update_id)
+                offset = update.update_id + 1
 
     async def stop(self) -> None:
         application, self.application = self.application, None
-        for task in list(self._background):
+        poller, self._poller = self._poller, None
+        for task in [*self._background, *([poller] if poller else [])]:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*self._background, *([poller] if poller else []), return_exceptions=True)
         if application is None:
             return
-        if application.updater and application.updater.running:
-            await application.updater.stop()
         if application.running:
             await application.stop()
         await application.shutdown()

@@ -273,7 +273,7 @@ async def test_parley_run_polls_and_stops_on_sigterm(fake, tiny_model_dir, tmp_p
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        await fake.wait_for_call("getUpdates", timeout=60)
+        await fake.wait_for(lambda: fake.calls_to("getUpdates"), timeout=60)
         user = fake.make_user("Ann")
         fake.add_private_message(user, "hi from a real process")
         await fake.wait_for(lambda: fake.sent, timeout=60)
