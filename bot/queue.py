@@ -53,6 +53,8 @@ class GenerationQueue:
         self._served = 0
         self._last_served: dict[int, int] = {}  # conversation id → dispatch counter
         self._cancelled: set[int] = set()
+        self._isolated: int | None = None  # a job running alone after a worker death
+        self._parked: set[int] = set()  # conversations of platforms not running in this process
         self.stats = {"dispatched": 0, "done": 0, "failed": 0, "cancelled": 0, "retried": 0}
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -198,28 +200,41 @@ class GenerationQueue:
                 self._wake.set()
 
     async def _dispatch_ready_jobs(self) -> None:
+        if self._isolated is not None:
+            return  # a suspect runs alone
+        queued = [job for job in await self.repo.queued_jobs() if job.conversation_id not in self._parked]
+        # A job that was in the worker when it died is a suspect: it may be the one that kills
+        # it. Suspects run alone, after the running batch drains, so a poisoned job fails by
+        # itself (after max_attempts) and never takes the other conversations' jobs down with it.
+        suspect = next((job for job in queued if job.attempts > 0), None)
+        if suspect is not None:
+            if not self._tasks:
+                self._isolated = suspect.id
+                log.info("job %d was in a worker that died; running it alone", suspect.id)
+                self._launch(suspect.id, suspect.conversation_id)
+            return
         free = self.capacity - len(self._tasks)
         if free <= 0:
             return
         busy = set(self._running_conversations.values())
-        for job_id in await self._next_jobs(busy, free):
-            job = await self.repo.get_job(job_id)
-            if job is None or job.status != JobStatus.QUEUED.value:
-                continue
-            self._served += 1
-            self._last_served[job.conversation_id] = self._served
-            self._running_conversations[job.id] = job.conversation_id
-            self._tasks[job.id] = asyncio.create_task(self._run_job(job.id, job.conversation_id), name=f"parley-job-{job.id}")
-            self.stats["dispatched"] += 1
+        for job_id, conversation_id in self._next_jobs(queued, busy, free):
+            self._launch(job_id, conversation_id)
 
-    async def _next_jobs(self, busy: set[int], free: int) -> list[int]:
+    def _launch(self, job_id: int, conversation_id: int) -> None:
+        self._served += 1
+        self._last_served[conversation_id] = self._served
+        self._running_conversations[job_id] = conversation_id
+        self._tasks[job_id] = asyncio.create_task(self._run_job(job_id, conversation_id), name=f"parley-job-{job_id}")
+        self.stats["dispatched"] += 1
+
+    def _next_jobs(self, queued: list, busy: set[int], free: int) -> list[tuple[int, int]]:
         """The first queued job of each idle conversation, least recently served first."""
         first: dict[int, int] = {}
-        for job in await self.repo.queued_jobs():
+        for job in queued:
             if job.conversation_id not in busy and job.conversation_id not in first:
                 first[job.conversation_id] = job.id
         ordered = sorted(first, key=lambda c: (self._last_served.get(c, -1), first[c]))
-        return [first[c] for c in ordered[:free]]
+        return [(first[c], c) for c in ordered[:free]]
 
     async def _run_job(self, job_id: int, conversation_id: int) -> None:
         final: str | None = None
@@ -235,6 +250,8 @@ class GenerationQueue:
         finally:
             self._tasks.pop(job_id, None)
             self._running_conversations.pop(job_id, None)
+            if self._isolated == job_id:
+                self._isolated = None
             if final is not None:
                 self._streams.pop(job_id, None)
                 self._cancelled.discard(job_id)
@@ -245,6 +262,12 @@ class GenerationQueue:
     async def _generate(self, job_id: int, conversation_id: int) -> str | None:
         """Run one attempt of a job; returns its final status, or None when it was queued again."""
         conversation = await self.repo.get_conversation(conversation_id)
+        adapter = self.adapters.get(conversation.platform)
+        if adapter is None:
+            # Accepted while that platform ran; it waits, queued, until the platform is back.
+            self._parked.add(conversation_id)
+            log.warning("conversation %d waits: the %s adapter is not running", conversation_id, conversation.platform)
+            return None
         job = await self.repo.get_job(job_id)
         trigger = await self.repo.get_message(job.message_id)
         history = await self.repo.history(conversation_id, up_to_message_id=job.message_id)
@@ -255,11 +278,6 @@ class GenerationQueue:
         key = ConversationKey(conversation.platform, conversation.key)
         stream = self._streams.get(job_id)
         if stream is None:
-            adapter = self.adapters.get(conversation.platform)
-            if adapter is None:
-                await self.repo.requeue_job(job_id, f"no adapter for platform {conversation.platform!r} is running")
-                log.warning("job %d waits: the %s adapter is not running", job_id, conversation.platform)
-                return None
             # After a crash, the messages the interrupted attempt posted are edited, not reposted.
             resume = job.reply_platform_ids or ()
             stream = await adapter.open_reply(key, trigger.platform_message_id if trigger else None, resume)

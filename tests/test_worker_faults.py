@@ -50,3 +50,64 @@ async def test_a_hung_worker_is_killed_and_replaced(tmp_path: Path, caplog) -> N
         assert health.alive and health.restarts == 1 and health.pid != first_pid
     finally:
         await client.stop()
+
+
+# A worker that answers every job, except that a message containing POISON kills it (and every
+# job it holds at that moment) each time, like a prompt that runs a real worker out of memory.
+POISONABLE_WORKER = """
+import json, select, sys
+ready = {"type": "ready", "name": "poisonable", "quantization": "none", "device": "cpu", "dtype": "float32",
+         "context_window": 512, "max_batch": 4, "load_seconds": 0.0}
+def say(message):
+    sys.stdout.write(json.dumps(message) + "\\n"); sys.stdout.flush()
+pending = []
+while True:
+    readable, _, _ = select.select([sys.stdin], [], [], 0.3)
+    if not readable:  # the batch is complete: answer it
+        for job in pending:
+            say({"type": "started", "job_id": job, "prompt_tokens": 3, "dropped_messages": 0, "batch": 1, "batch_size": len(pending)})
+            say({"type": "deltas", "texts": {str(job): f"answer {job}"}})
+            say({"type": "done", "job_id": job, "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 2})
+        pending = []
+        continue
+    line = sys.stdin.readline()
+    if not line:
+        break
+    message = json.loads(line)
+    if message["type"] == "configure":
+        say(ready)
+    elif message["type"] == "submit":
+        if "POISON" in message["messages"][-1]["content"]:
+            sys.exit(9)
+        pending.append(message["job_id"])
+    elif message["type"] == "ping":
+        say({"type": "pong", "nonce": message["nonce"]})
+    elif message["type"] == "shutdown":
+        break
+"""
+
+
+async def test_a_poisoned_job_fails_alone_and_the_others_are_answered(tmp_path: Path, tiny_model_dir) -> None:
+    from adapters.fake import FakeAdapter
+    from bot.app import ParleyApp
+    from tests.support import make_settings
+
+    script = tmp_path / "poisonable_worker.py"
+    script.write_text(POISONABLE_WORKER)
+    settings = make_settings(tiny_model_dir, tmp_path, worker={"max_attempts": 3})
+    client = SubprocessGenerationClient(settings, command=[sys.executable, str(script)], stop_timeout=1.0)
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake], client=client) as app:
+        await app.queue.stop()  # let the four arrive together, so they share a batch
+        poisoned = await fake.say("POISON please", chat="bad")
+        others = [await fake.say(f"hello {n}", chat=f"good{n}") for n in range(3)]
+        await app.queue.start()
+        assert await app.router.wait_for(poisoned.job_id) == "failed"
+        for result in others:
+            assert await app.router.wait_for(result.job_id) == "done"
+        assert fake.replies_in("bad")[0].failed.startswith("Sorry, the model crashed while answering this message, 3 times")
+        for n, result in enumerate(others):
+            job = await app.repo.get_job(result.job_id)
+            assert job.attempts <= 1  # died at most once, beside the poison, then ran alone
+            assert fake.replies_in(f"good{n}")[0].text == f"answer {result.job_id}"
+        assert (await app.client.health()).restarts == 3
