@@ -141,3 +141,29 @@ def test_chat_with_the_embedded_model(tmp_path):
     prompt = job_prompts(db)[1]
     assert [m["content"] for m in prompt if m["role"] == "user"] == ["My name is Ada.", "What is my name?"]
     assert prompt[2] == {"role": "assistant", "content": reply}
+
+
+def test_log_lines_never_show_a_token_from_the_environment(tmp_path, monkeypatch):
+    import logging
+
+    from bot.cli import _setup_logging
+    from bot.config import parse_settings
+
+    token = "123456:AAF-secret-token-value"
+    monkeypatch.setenv("PARLEY_TEST_TG", token)
+    settings = parse_settings({"telegram": {"token_env": "PARLEY_TEST_TG"}, "bot": {"log_file": str(tmp_path / "log")}})
+    _setup_logging(settings, quiet=False, verbose=True)
+    try:
+        log = logging.getLogger("parley.test")
+        log.info("calling https://api.telegram.org/bot%s/getMe", token)
+        try:
+            raise RuntimeError(f"connection to https://api.telegram.org/bot{token}/getUpdates failed")
+        except RuntimeError:
+            log.exception("request failed")
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        logging.basicConfig(force=True, handlers=[logging.NullHandler()])
+    written = (tmp_path / "log").read_text()
+    assert "calling https://api.telegram.org/bot***/getMe" in written
+    assert "bot***/getUpdates failed" in written and token not in written

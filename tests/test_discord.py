@@ -297,7 +297,7 @@ async def test_parley_run_connects_and_stops_on_sigterm(fake, world, tiny_model_
         "sys.exit(bot.cli.main(sys.argv[1:]))\n"
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", launcher, "-c", str(config), "run",
+        sys.executable, "-c", launcher, "-v", "-c", str(config), "run",  # DEBUG: the most there is to leak
         cwd=ROOT, env={**os.environ}, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )

@@ -268,7 +268,7 @@ async def test_parley_run_polls_and_stops_on_sigterm(fake, tiny_model_dir, tmp_p
         "[console]\nenabled = false\n"
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot.cli", "-c", str(config), "run",
+        sys.executable, "-m", "bot.cli", "-v", "-c", str(config), "run",  # DEBUG: the most there is to leak
         cwd=ROOT, env={**os.environ}, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
