@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     db_commands.add_parser("upgrade", help="apply the database migrations (start-up does this too)")
+    doctor = commands.add_parser("doctor", help="check the config, database, model and platform tokens")
+    doctor.add_argument("--no-model", action="store_true", help="skip loading the model")
     config = commands.add_parser("config", help="configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     config_commands.add_parser("check", help="validate the config file and print the settings in force")
@@ -131,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParleyError as exc:
         print(f"parley: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings, quiet=args.command == "chat", verbose=args.verbose)
+    _setup_logging(settings, quiet=args.command in ("chat", "doctor"), verbose=args.verbose)
     try:
         if args.command == "db":
             from storage import upgrade_database
@@ -139,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             revision = upgrade_database(settings.database_url())
             print(f"database is at revision {revision}")
             return 0
+        if args.command == "doctor":
+            from .doctor import run_doctor
+
+            return 1 if asyncio.run(run_doctor(settings, model=not args.no_model)) else 0
         if args.command == "config":
             print(f"settings from {settings.source}, all valid:")
             for section in ("bot", "model", "generation", "worker", "queue", "storage", "console"):

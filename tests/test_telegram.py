@@ -324,3 +324,19 @@ async def _history_texts(settings, user):
         repo = Repository(database.sessions)
         conversation = await repo.find_conversation(ConversationKey("telegram", str(user["id"])))
         return [m.text for m in await repo.history(conversation.id)]
+
+
+async def test_doctor_checks_database_model_and_tokens(fake, tiny_model_dir, tmp_path, monkeypatch):
+    from bot.doctor import run_doctor
+
+    settings = telegram_settings(tiny_model_dir, tmp_path, fake)
+    lines: list[str] = []
+    assert await run_doctor(settings, out=lines.append) == 0
+    assert lines[1].startswith("ok      database: ") and "at revision" in lines[1]
+    assert lines[2].startswith("ok      model: tiny-model") and "answered" in lines[2]
+    assert lines[3] == f"ok      telegram: token in ${TOKEN_ENV} is accepted: @parley_bot"
+    monkeypatch.setenv(TOKEN_ENV, "123:wrong")
+    lines.clear()
+    assert await run_doctor(settings, model=False, out=lines.append) == 1
+    assert f"PROBLEM telegram: Telegram rejects the token in ${TOKEN_ENV}" in lines[2]
+    assert lines[-1] == "1 problem found"
