@@ -230,11 +230,18 @@ class Repository:
 
     async def update_message_text(self, conversation_id: int, platform_message_id: str, text: str) -> bool:
         """Apply a platform edit; False when the message was never recorded."""
+        return await self._update_message(conversation_id, platform_message_id, text=text, edited_at=utcnow())
+
+    async def archive_message(self, conversation_id: int, platform_message_id: str) -> bool:
+        """A message deleted on its platform leaves the history (archived, like /reset does)."""
+        return await self._update_message(conversation_id, platform_message_id, archived=True)
+
+    async def _update_message(self, conversation_id: int, platform_message_id: str, **values: Any) -> bool:
         async with self._transaction(write=True) as session:
             result = await session.execute(
                 update(Message)
                 .where(Message.conversation_id == conversation_id, Message.platform_message_id == platform_message_id)
-                .values(text=text, edited_at=utcnow())
+                .values(**values)
                 .execution_options(synchronize_session=False)
             )
             return result.rowcount > 0
@@ -261,17 +268,6 @@ class Repository:
                 finished_at=utcnow(),
             )
             return result.rowcount, cancelled
-
-    async def archive_message(self, conversation_id: int, platform_message_id: str) -> bool:
-        """A message deleted on its platform leaves the history (archived, like /reset does)."""
-        async with self._transaction(write=True) as session:
-            result = await session.execute(
-                update(Message)
-                .where(Message.conversation_id == conversation_id, Message.platform_message_id == platform_message_id)
-                .values(archived=True)
-                .execution_options(synchronize_session=False)
-            )
-            return result.rowcount > 0
 
     async def get_message(self, message_id: int) -> Message | None:
         async with self._transaction(write=False) as session:
