@@ -1,7 +1,7 @@
 """Command parsing and argument checking (pure functions; the commands' effects are in test_core)."""
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.commands import ParsedCommand, parse_command, parse_settings_args
@@ -47,7 +47,8 @@ def test_settings_args_are_checked():
             parse_settings_args(bad)
 
 
-@given(st.text(max_size=200))
+@settings(max_examples=3000)
+@given(st.one_of(st.text(max_size=200), st.from_regex(r"/[a-zA-Z_]{1,8}(@[a-z_]{1,8})?( [a-z_]+=[-0-9.a-z]*){0,4}", fullmatch=True)))
 def test_parsers_never_raise_anything_unexpected(text):
     parsed = parse_command(text, "bot")
     if parsed is not None:

@@ -129,7 +129,7 @@ roles = st.sampled_from(["user", "assistant"])
 messages_strategy = st.lists(st.tuples(roles, st.integers(0, 30)), min_size=1, max_size=40)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(history=messages_strategy, has_system=st.booleans(), budget=st.integers(0, 600))
 def test_property_matches_a_linear_reference(history, has_system, budget) -> None:
     messages = ([turn("system", 6, "s")] if has_system else []) + [

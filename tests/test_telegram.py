@@ -123,23 +123,24 @@ async def test_admin_commands_for_administrators_only(fake, bot):
     boss, member = fake.make_user("Boss"), fake.make_user("Member")
     fake.set_member_status(group["id"], boss["id"], "administrator")
     fake.set_member_status(group["id"], member["id"], "member")
-    fake.add_group_message(group, member, "/system You are a pirate.")
-    fake.add_group_message(group, member, "/reset")
-    await fake.wait_for(lambda: len(fake.sent) == 2, timeout=10)
+    for command in ("/system You are a pirate.", "/reset", "/set temperature=1", "/system clear", "/reset new prompt"):
+        fake.add_group_message(group, member, command)
+    await fake.wait_for(lambda: len(fake.sent) == 5, timeout=10)
     assert all(s.text.startswith("Only admins can use /") for s in fake.sent)
     conversation = await conversation_of(bot, str(group["id"]), direct=False)
-    assert (await bot.repo.get_conversation(conversation.id)).system_prompt is None
+    refused = await bot.repo.get_conversation(conversation.id)
+    assert refused.system_prompt is None and refused.temperature is None
     fake.add_group_message(group, boss, "/system You are a pirate.")
-    await fake.wait_for(lambda: len(fake.sent) == 3, timeout=10)
-    assert fake.sent[2].text == "System prompt set: You are a pirate."
+    await fake.wait_for(lambda: len(fake.sent) == 6, timeout=10)
+    assert fake.sent[5].text == "System prompt set: You are a pirate."
     fake.add_group_message(group, member, "@parley_bot ahoy?")
-    await fake.wait_for(lambda: len(fake.sent) == 4, timeout=20)
+    await fake.wait_for(lambda: len(fake.sent) == 7, timeout=20)
     await bot.queue.run_until_empty()
     [job] = await jobs_of(bot, conversation.id)
     assert job.prompt[0]["content"].startswith("You are a pirate.")
     fake.add_group_message(group, boss, "/reset")
-    await fake.wait_for(lambda: len(fake.sent) == 5, timeout=10)
-    assert fake.sent[4].text.startswith("History cleared (2 messages forgotten)")
+    await fake.wait_for(lambda: len(fake.sent) == 8, timeout=10)
+    assert fake.sent[7].text.startswith("History cleared (2 messages forgotten)")
     assert [e.action for e in await bot.repo.audit_log(conversation.id)] == ["system", "reset"]
     assert len(fake.calls_to("getChatMember")) == 2  # cached per user after the first ask
 
