@@ -57,6 +57,17 @@ class RedactingFormatter(logging.Formatter):
         return text
 
 
+class JobContext(logging.Filter):
+    """Adds ` job=N` to log lines written while a job is being worked on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .queue import current_job
+
+        job = current_job.get()
+        record.job = f" job={job}" if job is not None else ""
+        return True
+
+
 def _secrets(settings: Settings) -> list[str]:
     names = [settings.telegram.token_env, settings.discord.token_env, settings.storage.url_env]
     values = [os.environ.get(name, "") for name in names if name]
@@ -68,9 +79,10 @@ def _setup_logging(settings: Settings, *, quiet: bool, verbose: bool) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.bot.log_file:
         handlers.append(logging.FileHandler(settings.bot.log_file, encoding="utf-8"))
-    formatter = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", _secrets(settings))
+    formatter = RedactingFormatter("%(asctime)s %(levelname)s %(name)s%(job)s: %(message)s", _secrets(settings))
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler.addFilter(JobContext())
     logging.basicConfig(level=level, handlers=handlers, force=True)
     # httpx logs every request URL at INFO, and Telegram's URLs carry the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)

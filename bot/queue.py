@@ -9,6 +9,7 @@ runs at a time (its history must stay in order); across conversations the queue 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
@@ -26,7 +27,10 @@ if TYPE_CHECKING:
     from .config import Settings
     from .generation import GenerationClient
 
-__all__ = ["GenerationQueue"]
+__all__ = ["GenerationQueue", "current_job"]
+
+# The job being worked on, for log lines written anywhere beneath `_run_job` (see bot.cli).
+current_job: contextvars.ContextVar[int | None] = contextvars.ContextVar("parley_job", default=None)
 
 log = logging.getLogger("parley.queue")
 
@@ -237,6 +241,7 @@ class GenerationQueue:
         return [(first[c], c) for c in ordered[:free]]
 
     async def _run_job(self, job_id: int, conversation_id: int) -> None:
+        current_job.set(job_id)  # this task's own context: every log line below carries the job
         final: str | None = None
         try:
             final = await self._generate(job_id, conversation_id)
