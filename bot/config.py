@@ -77,7 +77,7 @@ class ModelSettings:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    max_batch: int = field(default=8, metadata=_range(1, 256))
+    max_batch: int = field(default=16, metadata=_range(1, 256))
     ready_timeout: float = field(default=600.0, metadata=_range(1, 86_400))
     max_attempts: int = field(default=3, metadata=_range(1, 20))
     threads: int = field(default=0, metadata=_range(0, 1024))

@@ -118,7 +118,8 @@ class JobStreams:
             if key != self._last_batch:
                 self._last_batch = key
                 self.batches += 1
-                self.largest_batch = max(self.largest_batch, message.batch_size)
+            # Jobs join a running batch, so its size grows after it started.
+            self.largest_batch = max(self.largest_batch, message.batch_size)
         else:
             log.warning("ignoring an unexpected %s message from the worker", message.TYPE)
 
