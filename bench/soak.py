@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
 import sys
 import tempfile

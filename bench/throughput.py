@@ -32,11 +32,10 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
