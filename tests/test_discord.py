@@ -311,3 +311,22 @@ async def test_parley_run_connects_and_stops_on_sigterm(fake, world, tiny_model_
         _, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, stderr.decode()
     assert fake.token not in stderr.decode()
+
+
+async def test_a_slow_command_is_deferred_then_answered(fake, world, bot, monkeypatch):
+    import adapters.discord as discord_adapter
+
+    monkeypatch.setattr(discord_adapter, "ANSWER_WITHIN", 0.05)  # as if storage were slow today
+    adapter = bot.adapters["discord"]
+    real_handle = adapter.core.handle
+
+    async def slow_handle(message):
+        await asyncio.sleep(0.3)
+        return await real_handle(message)
+
+    monkeypatch.setattr(adapter.core, "handle", slow_handle)
+    await fake.invoke_command("status", user=world.member, channel_id=int(world.general["id"]))
+    await fake.wait_for(lambda: fake.followups and fake.followups[0].content, timeout=10)
+    [response] = fake.interaction_responses
+    assert response.type == 5 and response.ephemeral  # deferred, "thinking", only for the caller
+    assert fake.followups[0].content.startswith("Model: ")
