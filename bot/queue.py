@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .errors import JobFailed, QueueFull, WorkerDead
+from .errors import JobFailed, QueueFull, StorageError, WorkerDead
 from .generation import GenerationRequest, GenerationResult, TextDelta
 from .history import build_chat, effective_settings
 from .types import ConversationKey, IncomingMessage, JobStatus
@@ -50,6 +50,7 @@ class GenerationQueue:
         self.adapters = adapters
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
+        self._heartbeat: asyncio.Task | None = None
         self._tasks: dict[int, asyncio.Task] = {}
         self._running_conversations: dict[int, int] = {}  # job id → conversation id
         self._streams: dict[int, ReplyStream] = {}  # kept across retries after a worker death
@@ -68,14 +69,15 @@ class GenerationQueue:
         if interrupted:
             log.warning("%d job(s) were interrupted by a crash or shutdown; queued again", interrupted)
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="parley-dispatcher")
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="parley-heartbeat")
         self._wake.set()
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._dispatcher, *self._tasks.values()) if t is not None]
+        tasks = [t for t in (self._dispatcher, self._heartbeat, *self._tasks.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._dispatcher = None
+        self._dispatcher = self._heartbeat = None
         # Jobs cut off here stay `running` in the database and are queued again at next start-up.
 
     async def __aenter__(self) -> GenerationQueue:
@@ -187,6 +189,23 @@ class GenerationQueue:
                 await asyncio.sleep(0.02)
 
         await asyncio.wait_for(drained(), timeout)
+
+    async def _heartbeat_loop(self) -> None:
+        """Several bot processes may share one database: this process's running jobs carry its
+        heartbeat, and a sibling that died (its heartbeat stale) has its jobs taken over here."""
+        from storage import HEARTBEAT_INTERVAL
+
+        beats = 0
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL.total_seconds())
+            beats += 1
+            try:
+                await self.repo.heartbeat()
+                if beats % 3 == 0 and await self.repo.requeue_interrupted(own_jobs=False):
+                    log.warning("took over jobs from a bot process that stopped answering")
+                    self._wake.set()
+            except StorageError as exc:
+                log.warning("could not refresh the running jobs' heartbeat: %s", exc)
 
     # -- dispatch --------------------------------------------------------------------------------
 

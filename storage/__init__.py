@@ -11,7 +11,16 @@
 
 from .db import Database, alembic_config, head_revision, mask_url, upgrade_database
 from .models import AuditEntry, Base, Conversation, Job, Message
-from .repository import GENERATION_KEYS, UNCHANGED, RecordNotFound, Repository, Unchanged
+from .repository import (
+    DEFAULT_STALE_AFTER,
+    GENERATION_KEYS,
+    HEARTBEAT_INTERVAL,
+    UNCHANGED,
+    RecordNotFound,
+    Repository,
+    Unchanged,
+    default_owner,
+)
 
 __all__ = [
     "Database",
@@ -29,4 +38,7 @@ __all__ = [
     "UNCHANGED",
     "Unchanged",
     "GENERATION_KEYS",
+    "DEFAULT_STALE_AFTER",
+    "HEARTBEAT_INTERVAL",
+    "default_owner",
 ]

@@ -177,6 +177,9 @@ class Job(Base):
 
     `attempts` counts the times a worker died while holding the job (see `requeue_job`).
     `prompt` is the list of chat messages (`{"role", "content"}` dicts) sent to the worker.
+    `owner` names the bot process that claimed the job (`Repository.owner`) and `heartbeat_at`
+    is when that process last said it is still running it: with several bot processes on one
+    database, start-up requeues only jobs whose owner is gone (see `requeue_interrupted`).
     """
 
     __tablename__ = "jobs"
@@ -184,6 +187,7 @@ class Job(Base):
         Index("ix_jobs_status_id", "status", "id"),
         Index("ix_jobs_conversation_id_status", "conversation_id", "status"),
         Index("ix_jobs_message_id", "message_id"),
+        Index("ix_jobs_owner_status", "owner", "status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -199,6 +203,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    owner: Mapped[str | None] = mapped_column(String(255), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
 
     @property
     def is_pending(self) -> bool:

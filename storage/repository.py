@@ -12,12 +12,14 @@ Database failures (unreachable, locked past the busy timeout, a constraint broke
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+import os
+import socket
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, false, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -28,9 +30,69 @@ from bot.types import ConversationKey, JobStatus, Role
 from .db import WRITE_OPTION, _describe
 from .models import PENDING_STATUSES, AuditEntry, Conversation, Job, Message, utcnow
 
-__all__ = ["Repository", "RecordNotFound", "UNCHANGED", "Unchanged", "GENERATION_KEYS"]
+__all__ = [
+    "Repository",
+    "RecordNotFound",
+    "UNCHANGED",
+    "Unchanged",
+    "GENERATION_KEYS",
+    "DEFAULT_STALE_AFTER",
+    "HEARTBEAT_INTERVAL",
+    "default_owner",
+]
 
 GENERATION_KEYS: Final = frozenset({"temperature", "top_p", "max_new_tokens"})
+
+DEFAULT_STALE_AFTER: Final = timedelta(seconds=90)
+"""A running job whose owner has not heartbeaten for this long is taken to be abandoned."""
+
+HEARTBEAT_INTERVAL: Final = timedelta(seconds=20)
+"""How often a bot process should call `Repository.heartbeat()` (well under `DEFAULT_STALE_AFTER`)."""
+
+
+_ENQUEUE_LOCK_KEY: Final = 0x7061726C6579  # "parley": the advisory lock of record_and_enqueue (PostgreSQL)
+
+
+def _pid_namespace() -> str:
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return "-"
+    return link.removeprefix("pid:[").removesuffix("]") or "-"
+
+
+def default_owner() -> str:
+    """This process's instance id, "host:pid-namespace:pid".
+
+    Stable for the life of the process; a process restarted in the same pid (a container's pid 1)
+    gets the same id, which `requeue_interrupted` reads as "my previous life".
+    """
+    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}"
+
+
+def _process_gone(owner: str) -> bool:
+    """True only when `owner` is known to be a process of this machine (and pid namespace) that no
+    longer exists. Unknown formats, other machines and live (or unknowable) pids are False."""
+    try:
+        host, namespace, pid_text = owner.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host != socket.gethostname() or namespace != _pid_namespace() or namespace == "-" or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return False  # that is us (handled as "previous life" by the caller)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, as someone else's process
+        return False
+    return False
+
+
+def _as_timedelta(value: float | timedelta) -> timedelta:
+    return value if isinstance(value, timedelta) else timedelta(seconds=value)
 
 
 class Unchanged(enum.Enum):
@@ -47,10 +109,15 @@ class RecordNotFound(StorageError, LookupError):
 
 
 class Repository:
-    """Parley's storage operations over an `async_sessionmaker` (`Database.sessions`)."""
+    """Parley's storage operations over an `async_sessionmaker` (`Database.sessions`).
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    `owner` identifies this bot process in `jobs.owner` (default: `default_owner()`); give each
+    process sharing a database its own. Running jobs are kept alive with `heartbeat()`.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, owner: str | None = None) -> None:
         self._sessions = sessions
+        self.owner = owner or default_owner()
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -64,6 +131,16 @@ class Repository:
                 yield session
         except SQLAlchemyError as exc:
             raise StorageError(f"database error: {_describe(exc)}") from exc
+
+    @staticmethod
+    def _dialect(session: AsyncSession) -> str:
+        return session.get_bind().dialect.name
+
+    @classmethod
+    def _now(cls, session: AsyncSession) -> Any:
+        """The time for heartbeats: the server's clock on PostgreSQL (shared by every process that
+        uses the database, whatever their own clocks say), this machine's on SQLite."""
+        return func.now() if cls._dialect(session) == "postgresql" else utcnow()
 
     @staticmethod
     def _insert(session: AsyncSession, model: type[Any]) -> Any:
@@ -305,8 +382,9 @@ class Repository:
         When queued + running jobs are already at `max_pending` in total, or at
         `max_pending_per_conversation` in this conversation, the message is still recorded and
         committed (it is context for later answers) but gets no job, and `QueueFull` is raised,
-        saying how many are waiting. On SQLite the check and the insert are serialized, so the
-        limits are exact; on PostgreSQL concurrent callers may overshoot them by a few.
+        saying how many are waiting. The check and the insert are serialized (SQLite: the write
+        lock; PostgreSQL: a transaction-scoped advisory lock), so the limits are exact, also
+        across bot processes.
         """
         full: str | None = None
         async with self._transaction(write=True) as session:
@@ -326,6 +404,10 @@ class Repository:
                     await session.scalars(select(Job).where(Job.message_id == message.id).order_by(Job.id.desc()))
                 ).first()
                 return message, job, False
+            if self._dialect(session) == "postgresql":
+                # Serialize the count-then-insert across every process on the database (held until
+                # commit), so the limits are exact there too.
+                await session.execute(select(func.pg_advisory_xact_lock(_ENQUEUE_LOCK_KEY)))
             waiting_here = await self._count_pending(session, conversation_id)
             waiting_total = await self._count_pending(session, None)
             waiting_yours = (
@@ -402,16 +484,100 @@ class Repository:
             return await self._count_pending(session, conversation_id)
 
     async def mark_running(self, job_id: int, prompt: list[dict[str, Any]]) -> bool:
-        """queued → running, storing the prompt sent to the worker; False if the job was not queued."""
+        """queued → running for this process (`owner`), storing the prompt sent to the worker.
+
+        False if the job was not queued, or (PostgreSQL) is being claimed or changed by another
+        transaction right now: the row is taken with `FOR UPDATE SKIP LOCKED`, so two processes
+        never both get True for one job. On SQLite the write lock (BEGIN IMMEDIATE) serializes it.
+        """
         async with self._transaction(write=True) as session:
+            where: tuple[Any, ...] = (Job.id == job_id, Job.status == JobStatus.QUEUED)
+            if self._dialect(session) == "postgresql":
+                locked = await session.scalar(select(Job.id).where(*where).with_for_update(skip_locked=True))
+                if locked is None:
+                    return False
             changed = await self._set_status(
                 session,
-                (Job.id == job_id, Job.status == JobStatus.QUEUED),
+                where,
                 status=JobStatus.RUNNING,
                 started_at=utcnow(),
                 prompt=prompt,
+                owner=self.owner,
+                heartbeat_at=self._now(session),
             )
             return bool(changed)
+
+    async def claim_next(
+        self,
+        limit: int = 1,
+        *,
+        among: Sequence[int] | None = None,
+        exclude_conversation_ids: Collection[int] = (),
+    ) -> list[Job]:
+        """Claim up to `limit` queued jobs for this process (queued → running, owner set), oldest
+        first or in the order of `among` (job ids the caller chose, e.g. fairly); the claimed jobs.
+
+        On PostgreSQL the candidates are locked with `SELECT … FOR UPDATE SKIP LOCKED`, so
+        processes claiming at the same time split the queue between them and never wait on, or
+        double-claim, one another's jobs. The prompt is not stored (`mark_running` does that for a
+        job still queued); `set_prompt` stores it for a claimed one.
+        """
+        if limit <= 0 or (among is not None and not among):
+            return []
+        async with self._transaction(write=True) as session:
+            query = select(Job.id).where(Job.status == JobStatus.QUEUED)
+            if among is not None:
+                query = query.where(Job.id.in_(list(among)))
+            if exclude_conversation_ids:
+                query = query.where(Job.conversation_id.not_in(list(exclude_conversation_ids)))
+            query = query.order_by(Job.id)
+            if among is None:
+                query = query.limit(limit)
+            if self._dialect(session) == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            ids = list((await session.scalars(query)).all())
+            if among is not None:
+                position = {job_id: index for index, job_id in enumerate(among)}
+                ids = sorted(ids, key=position.__getitem__)[:limit]
+            if not ids:
+                return []
+            claimed = await self._set_status(
+                session,
+                (Job.id.in_(ids), Job.status == JobStatus.QUEUED),
+                status=JobStatus.RUNNING,
+                started_at=utcnow(),
+                owner=self.owner,
+                heartbeat_at=self._now(session),
+            )
+            jobs = (await session.scalars(select(Job).where(Job.id.in_(claimed)))).all()
+            by_id = {job.id: job for job in jobs}
+            return [by_id[job_id] for job_id in ids if job_id in by_id]
+
+    async def set_prompt(self, job_id: int, prompt: list[dict[str, Any]]) -> bool:
+        """Store the prompt of a job this process is running; False if it is not (any more)."""
+        async with self._transaction(write=True) as session:
+            result = await session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.owner == self.owner)
+                .values(prompt=prompt)
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount > 0
+
+    async def heartbeat(self, owner: str | None = None) -> int:
+        """Say that `owner` (default: this process) is still running its jobs; how many it runs.
+
+        Call it every `HEARTBEAT_INTERVAL` while the process lives (it is cheap: one UPDATE).
+        """
+        owner = owner or self.owner
+        async with self._transaction(write=True) as session:
+            result = await session.execute(
+                update(Job)
+                .where(Job.owner == owner, Job.status == JobStatus.RUNNING)
+                .values(heartbeat_at=self._now(session))
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount
 
     async def finish_job(
         self, job_id: int, *, reply_text: str, author_id: str, author_name: str, platform_message_id: str | None
@@ -479,7 +645,14 @@ class Repository:
             await session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                .values(status=JobStatus.QUEUED, attempts=Job.attempts + 1, error=error, started_at=None)
+                .values(
+                    status=JobStatus.QUEUED,
+                    attempts=Job.attempts + 1,
+                    error=error,
+                    started_at=None,
+                    owner=None,
+                    heartbeat_at=None,
+                )
                 .execution_options(synchronize_session=False)
             )
             job = await self._require(session, Job, job_id)
@@ -492,11 +665,51 @@ class Repository:
                 update(Job).where(Job.id == job_id).values(reply_platform_ids=list(ids)).execution_options(synchronize_session=False)
             )
 
-    async def requeue_interrupted(self) -> int:
-        """At start-up: jobs a crash left running go back to queued (attempts unchanged); how many."""
+    async def requeue_interrupted(
+        self,
+        owner: str | None = None,
+        *,
+        stale_after: float | timedelta | None = DEFAULT_STALE_AFTER,
+        own_jobs: bool = True,
+    ) -> int:
+        """At start-up: jobs a crash left running go back to queued (attempts unchanged); how many.
+
+        Only jobs no live process is running: those of `owner` (default: this process's id, i.e.
+        its previous life), of a process of this machine that no longer exists, without an owner
+        (left by a Parley before revision 0003), or whose heartbeat (else start) is older than
+        `stale_after` (seconds or a timedelta; None: never by age). Another live process's jobs
+        stay running. `own_jobs=False` leaves `owner`'s jobs alone too: for calling it now and then
+        while running, to take over the jobs of processes that died meanwhile.
+        """
+        owner = owner or self.owner
         async with self._transaction(write=True) as session:
+            last_seen = func.coalesce(Job.heartbeat_at, Job.started_at)
+            if stale_after is None:
+                stale: Any = false()
+            elif self._dialect(session) == "postgresql":
+                stale = last_seen.is_(None) | (last_seen < func.now() - _as_timedelta(stale_after))
+            else:
+                stale = last_seen.is_(None) | (last_seen < utcnow() - _as_timedelta(stale_after))
+            query = select(Job.id, Job.owner, stale.label("stale")).where(Job.status == JobStatus.RUNNING)
+            if self._dialect(session) == "postgresql":
+                # Rows locked right now belong to someone busy with them: not abandoned.
+                query = query.with_for_update(of=Job, skip_locked=True)
+            rows = (await session.execute(query)).all()
+            ids = [
+                row.id
+                for row in rows
+                if (row.owner == owner and own_jobs)
+                or (row.owner != owner and (row.owner is None or row.stale or _process_gone(row.owner)))
+            ]
+            if not ids:
+                return 0
             changed = await self._set_status(
-                session, (Job.status == JobStatus.RUNNING,), status=JobStatus.QUEUED, started_at=None
+                session,
+                (Job.id.in_(ids), Job.status == JobStatus.RUNNING),
+                status=JobStatus.QUEUED,
+                started_at=None,
+                owner=None,
+                heartbeat_at=None,
             )
             return len(changed)
 
