@@ -277,3 +277,26 @@ async def test_server_killed_mid_stream_fails_the_job_clearly_and_the_bot_lives_
             assert status.action == "command" and status.reply
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+async def test_the_embedded_model_through_transformers_serve(tiny_model_dir, tmp_path):
+    """The issue's setting: `transformers serve` with the embedded SmolLM2 (its GGUF converted once)."""
+    from bot.config import ModelSettings
+    from bot.worker import model_folder
+
+    folder = Path(model_folder(ModelSettings()))
+    server = Server(folder, tmp_path / "serve.log")
+    try:
+        settings = openai_settings(
+            tiny_model_dir, tmp_path, server.base_url, generation={"max_new_tokens": 24, "temperature": 0.0}
+        )
+        fake = FakeAdapter()
+        async with ParleyApp(settings, [fake]) as app:
+            assert app.client.model_info.name == str(folder)
+            result = await fake.say("What is the capital of France?", direct=True, chat="dm")
+            assert await app.router.wait_for(result.job_id) == JobStatus.DONE.value
+            [reply] = fake.replies_in("dm")
+            assert reply.text and reply.updates and reply.failed is None
+    finally:
+        server.stop()
