@@ -48,10 +48,10 @@ async def two_processes(url: str) -> Any:
         await second.stop()
 
 
-async def queue_jobs(repo: Repository, count: int, conversations: int = 5) -> list[int]:
+async def queue_jobs(repo: Repository, count: int, conversations: int = 5, platform: str = "discord") -> list[int]:
     ids = []
     for i in range(count):
-        conversation = await repo.get_or_create_conversation(ConversationKey("discord", str(i % conversations)), is_direct=False)
+        conversation = await repo.get_or_create_conversation(ConversationKey(platform, str(i % conversations)), is_direct=False)
         _, job, _ = await repo.record_and_enqueue(
             conversation.id, author_id="u1", author_name="Alice", text=f"q{i}", platform_message_id=f"m{i}", **BIG
         )
@@ -190,3 +190,55 @@ def test_migrations_downgrade_and_upgrade_again(url: str) -> None:
             return set(await conn.run_sync(lambda sync: {c["name"] for c in inspect(sync).get_columns("jobs")}))
 
     assert {"owner", "heartbeat_at", "reply_platform_ids", "prompt"} <= asyncio.run(columns())
+
+
+BOT_PROCESS = """
+import asyncio, json, sys
+from adapters.fake import FakeAdapter
+from bot.app import ParleyApp
+from bot.generation import make_generation_client
+from tests.support import make_settings
+from pathlib import Path
+
+async def main(model, url, out, go):
+    settings = make_settings(Path(model), Path(out).parent)
+    settings = settings.with_overrides(storage=type(settings.storage)(url=url))
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
+        while not Path(go).exists():  # both processes start dispatching together
+            await asyncio.sleep(0.05)
+        for _ in range(600):
+            if await app.repo.pending_count() == 0 and not app.queue._tasks:
+                break
+            await asyncio.sleep(0.1)
+        Path(out).write_text(json.dumps(sorted(r.reply_to for r in fake.replies if r.text)))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_two_bot_processes_on_one_database_never_answer_a_message_twice(url: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two real OS processes, each a whole Parley (queue, worker engine, storage), share the database."""
+    async with Database(url) as database:
+        repo = Repository(database.sessions, owner="producer")
+        await queue_jobs(repo, 24, conversations=8, platform="fake")  # FakeAdapter's platform
+    go = tmp_path / "go"
+    outs = [tmp_path / f"answered-{n}.json" for n in range(2)]
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", BOT_PROCESS, str(tiny_model_dir), url, str(out), str(go),
+            cwd=Path(__file__).resolve().parent.parent, stderr=asyncio.subprocess.PIPE,
+        )
+        for out in outs
+    ]
+    await asyncio.sleep(3.0)  # let both load the model
+    go.touch()
+    results = await asyncio.gather(*(asyncio.wait_for(p.communicate(), 300) for p in processes))
+    for process, (_, stderr) in zip(processes, results):
+        assert process.returncode == 0, stderr.decode()[-3000:]
+    import json
+
+    answered = [json.loads(out.read_text()) for out in outs]
+    counts = Counter(message for process in answered for message in process)
+    assert sorted(counts) == sorted(f"m{i}" for i in range(24))  # every message answered...
+    assert set(counts.values()) == {1}  # ...exactly once, across both processes

@@ -61,8 +61,9 @@ ready = {"type": "ready", "name": "poisonable", "quantization": "none", "device"
 def say(message):
     sys.stdout.write(json.dumps(message) + "\\n"); sys.stdout.flush()
 pending = []
+stdin = sys.stdin.buffer.raw  # unbuffered: select() must see every line not yet read
 while True:
-    readable, _, _ = select.select([sys.stdin], [], [], 0.3)
+    readable, _, _ = select.select([stdin], [], [], 0.3)
     if not readable:  # the batch is complete: answer it
         for job in pending:
             say({"type": "started", "job_id": job, "prompt_tokens": 3, "dropped_messages": 0, "batch": 1, "batch_size": len(pending)})
@@ -70,7 +71,7 @@ while True:
             say({"type": "done", "job_id": job, "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 2})
         pending = []
         continue
-    line = sys.stdin.readline()
+    line = stdin.readline()
     if not line:
         break
     message = json.loads(line)
@@ -110,4 +111,5 @@ async def test_a_poisoned_job_fails_alone_and_the_others_are_answered(tmp_path: 
             job = await app.repo.get_job(result.job_id)
             assert job.attempts <= 1  # died at most once, beside the poison, then ran alone
             assert fake.replies_in(f"good{n}")[0].text == f"answer {result.job_id}"
-        assert (await app.client.health()).restarts == 3
+        await app.client.ping()  # the third replacement may still be starting
+        assert (await app.client.health()).restarts == 3  # it died once per attempt of the poison
