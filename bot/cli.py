@@ -106,7 +106,9 @@ async def _serve(settings: Settings, *, console_conversation: str | None, consol
         )
     adapters = enabled_adapters(settings, console_only=console_only)
     console = next((a for a in adapters if isinstance(a, ConsoleAdapter)), None)
-    if console is not None:
+    if console is not None and settings.model.backend == "openai":
+        print(f"Connecting to the model server at {settings.openai.base_url}…", file=sys.stderr, flush=True)
+    elif console is not None:
         print(f"Loading {settings.model.model if settings.model.model != 'embedded' else 'the embedded model (SmolLM2-135M-Instruct)'}…", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
