@@ -12,12 +12,13 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from bot.types import Author, ConversationKey, IncomingMessage
+from bot.core.contracts import Outcome
+from bot.core.types import Author, ConversationKey, IncomingMessage
 
 from .base import Adapter, Core, ReplyStream
 
 if TYPE_CHECKING:
-    from bot.config import Settings
+    from bot.core.config import Settings
 
 __all__ = ["ConsoleAdapter"]
 
@@ -147,7 +148,7 @@ class ConsoleAdapter(Adapter):
                 result = await core.handle(self._incoming(text))
                 if result.reply:
                     self._print(f"{result.reply}\n")
-                if result.action == "queued" and result.job_id is not None:
+                if result.outcome is Outcome.QUEUED and result.job_id is not None:
                     await core.wait_for(result.job_id)
         finally:
             self.closed.set()

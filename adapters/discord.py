@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Optional
 import discord
 from discord import app_commands
 
-from bot.commands import COMMANDS, HELP
-from bot.errors import AdapterError
-from bot.types import Author, ConversationKey, IncomingMessage, SETTING_RANGES
+from bot.core.contracts import Outcome
+from bot.conversation.commands import COMMANDS, HELP
+from bot.core.errors import AdapterError
+from bot.core.types import Author, ConversationKey, IncomingMessage, SETTING_RANGES
 
 from .base import Adapter, Core, EditingReplyStream, EditThrottle, ReplyStream, split_markdown
 
 if TYPE_CHECKING:
-    from bot.config import DiscordSettings, Settings
+    from bot.core.config import DiscordSettings, Settings
 
 __all__ = ["DiscordAdapter"]
 
@@ -259,7 +260,7 @@ class DiscordAdapter(Adapter):
         if result.reply:
             stream = _DiscordStream(self, message.channel, message.id)
             await stream.finish(result.reply)
-        if result.action == "queued" and result.job_id is not None:
+        if result.outcome is Outcome.QUEUED and result.job_id is not None:
             task = asyncio.create_task(self._typing_until_done(message.channel, result.job_id))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -402,7 +403,7 @@ class DiscordAdapter(Adapter):
             await interaction.response.defer(ephemeral=True, thinking=True)
         result = await task
         reply = result.reply or "Done."
-        private = name in PRIVATE_ANSWERS or reply.startswith("Only admins") or result.action == "error"
+        private = name in PRIVATE_ANSWERS or result.private or result.outcome is Outcome.ERROR
         chunks = split_markdown(reply, MAX_LENGTH)
         if deferred:
             for chunk in chunks:

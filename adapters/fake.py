@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bot.types import Author, ConversationKey, IncomingMessage
+from bot.core.types import Author, ConversationKey, IncomingMessage
 
 from .base import Adapter, Core, ReplyStream
 

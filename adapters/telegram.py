@@ -30,9 +30,10 @@ from telegram.constants import ChatAction, ChatMemberStatus, ChatType, MessageEn
 from telegram.error import BadRequest, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError  # noqa: E402
 from telegram.ext import AIORateLimiter, Application, ContextTypes, TypeHandler  # noqa: E402
 
-from bot.commands import COMMANDS, HELP, parse_command  # noqa: E402
-from bot.errors import AdapterError  # noqa: E402
-from bot.types import Author, ConversationKey, IncomingMessage  # noqa: E402
+from bot.core.contracts import Outcome  # noqa: E402
+from bot.conversation.commands import COMMANDS, HELP, parse_command  # noqa: E402
+from bot.core.errors import AdapterError  # noqa: E402
+from bot.core.types import Author, ConversationKey, IncomingMessage  # noqa: E402
 
 from .base import Adapter, Core, EditingReplyStream, EditThrottle, ReplyStream, split_message  # noqa: E402
 from .formatting import markdown_to_telegram_html  # noqa: E402
@@ -40,7 +41,7 @@ from .formatting import markdown_to_telegram_html  # noqa: E402
 if TYPE_CHECKING:
     from telegram import Message
 
-    from bot.config import Settings, TelegramSettings
+    from bot.core.config import Settings, TelegramSettings
 
 __all__ = ["TelegramAdapter"]
 
@@ -333,7 +334,7 @@ class TelegramAdapter(Adapter):
         result = await self.core.handle(incoming)
         if result.reply:
             await self._send_notice(chat.id, thread_id, result.reply, message.message_id)
-        if result.action == "queued" and result.job_id is not None:
+        if result.outcome is Outcome.QUEUED and result.job_id is not None:
             task = asyncio.create_task(self._typing_until_done(chat.id, thread_id, result.job_id))
             self._background.add(task)
             task.add_done_callback(self._background.discard)

@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from adapters.fake import FakeAdapter  # noqa: E402
-from bot.app import ParleyApp  # noqa: E402
-from bot.config import parse_settings  # noqa: E402
+from bot.core.contracts import Outcome  # noqa: E402
+from bot.runtime.app import ParleyApp  # noqa: E402
+from bot.core.config import parse_settings  # noqa: E402
 
 
 def refusal_reason(reply: str) -> str:
@@ -106,7 +107,7 @@ async def soak(messages: int, conversations: int, users: int, seed: int) -> dict
                 sent += 1
             for chat, message_id, pending in results:
                 result = await pending
-                if result.action == "queued":
+                if result.outcome is Outcome.QUEUED:
                     accepted.append((chat, message_id))
                 else:
                     refused[refusal_reason(result.reply or result.action)] += 1

@@ -44,11 +44,12 @@ sys.path.insert(0, str(ROOT))
 
 from adapters.base import ReplyStream  # noqa: E402
 from adapters.fake import FakeAdapter  # noqa: E402
-from bot.app import ParleyApp  # noqa: E402
-from bot.config import ModelSettings, Settings, parse_settings  # noqa: E402
-from bot.generation import GenerationRequest, GenerationResult  # noqa: E402
-from bot.subprocess_client import SubprocessGenerationClient  # noqa: E402
-from bot.types import ConversationKey  # noqa: E402
+from bot.core.contracts import Outcome  # noqa: E402
+from bot.runtime.app import ParleyApp  # noqa: E402
+from bot.core.config import ModelSettings, Settings, parse_settings  # noqa: E402
+from bot.generation.client import GenerationRequest, GenerationResult  # noqa: E402
+from bot.generation.subprocess_client import SubprocessGenerationClient  # noqa: E402
+from bot.core.types import ConversationKey  # noqa: E402
 
 NEW_TOKENS = 64
 STAGGER_S = 0.25
@@ -216,7 +217,7 @@ async def run_parley(n: int, arrival: str, model: dict[str, Any] | None = None) 
                     await asyncio.sleep(max(0.0, start + index * STAGGER_S - time.perf_counter()))
                 arrivals.append(time.perf_counter())
                 result = await adapter.say(QUESTIONS[index], chat=f"c{index}", user=f"user{index}", direct=True)
-                assert result.action == "queued", result
+                assert result.outcome is Outcome.QUEUED, result
                 job_ids.append(result.job_id)
             statuses = await asyncio.gather(*(app.router.wait_for(job_id) for job_id in job_ids))
             stop.set()
@@ -404,7 +405,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                       f"worker peak RSS {f['peak_rss_mb']} MB", flush=True)
         formats[f"{parley['burst']['1']['dtype']} (default)"] = {str(n): parley["burst"][str(n)] for n in (1, 16)}
 
-    from bot.worker import model_folder
+    from bot.worker.engine import model_folder
 
     print("baselines (one message after another, the same prompts):", flush=True)
     measured = measure_baselines(prompts if not args.quick else prompts[:4], model_folder(ModelSettings()))

@@ -32,7 +32,7 @@ def _database_url() -> str:
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from bot.config import load_settings
+    from bot.core.config import load_settings
 
     return load_settings().database_url()
 

@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from bot.types import ConversationKey, GenerationSettings, JobStatus, Role
+from bot.core.types import ConversationKey, GenerationSettings, JobStatus, Role
 
 __all__ = [
     "Base",

@@ -24,8 +24,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.errors import QueueFull, StorageError
-from bot.types import ConversationKey, JobStatus, Role
+from bot.core.contracts import QueueLimit
+from bot.core.errors import QueueFull, StorageError
+from bot.core.types import ConversationKey, JobStatus, Role
 
 from .db import WRITE_OPTION, _describe
 from .models import PENDING_STATUSES, AuditEntry, Conversation, Job, Message, utcnow
@@ -382,11 +383,11 @@ class Repository:
         When queued + running jobs are already at `max_pending` in total, or at
         `max_pending_per_conversation` in this conversation, the message is still recorded and
         committed (it is context for later answers) but gets no job, and `QueueFull` is raised,
-        saying how many are waiting. The check and the insert are serialized (SQLite: the write
+        saying which limit was reached and how many are waiting. The check and the insert are serialized (SQLite: the write
         lock; PostgreSQL: a transaction-scoped advisory lock), so the limits are exact, also
         across bot processes.
         """
-        full: str | None = None
+        full: QueueFull | None = None
         async with self._transaction(write=True) as session:
             message, created = await self._record(
                 session,
@@ -416,24 +417,19 @@ class Repository:
                 else 0
             )
             if max_pending_per_user is not None and waiting_yours >= max_pending_per_user:
-                full = (
-                    f"you already have {waiting_yours} request{'s' if waiting_yours != 1 else ''} waiting "
-                    f"(limit {max_pending_per_user}); try again when one is answered"
-                )
+                full = QueueFull(QueueLimit.USER, waiting_yours, max_pending_per_user)
             elif waiting_here >= max_pending_per_conversation:
-                full = (
-                    f"{waiting_here} requests from this conversation are already waiting "
-                    f"(limit {max_pending_per_conversation}); try again when one is answered"
-                )
+                full = QueueFull(QueueLimit.CONVERSATION, waiting_here, max_pending_per_conversation)
             elif waiting_total >= max_pending:
-                full = f"{waiting_total} requests are already waiting (limit {max_pending}); try again later"
+                full = QueueFull(QueueLimit.TOTAL, waiting_total, max_pending)
             else:
                 job = Job(conversation_id=conversation_id, message_id=message.id, status=JobStatus.QUEUED)
                 session.add(job)
                 await session.flush()
                 await session.refresh(job)
                 return message, job, True
-        raise QueueFull(full)
+        assert full is not None
+        raise full
 
     # -- audit ----------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import Settings
+from bot.core.config import Settings
 from tests.tiny_model import tiny_settings, write_tiny_model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bot.config import Settings, parse_settings
+from bot.core.config import Settings, parse_settings
 
 
 def make_settings(model_dir: Path, tmp_path: Path, **sections: dict) -> Settings:

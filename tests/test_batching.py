@@ -19,10 +19,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bot import protocol
-from bot.config import WorkerSettings
-from bot.types import ChatMessage, GenerationSettings
-from bot.worker import Engine, LoadedModel, load_model
+from bot.generation import protocol
+from bot.core.config import WorkerSettings
+from bot.core.types import ChatMessage, GenerationSettings
+from bot.worker.engine import Engine, LoadedModel, load_model
 from tests.tiny_model import tiny_settings
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PARLEY = [sys.executable, "-m", "bot.cli"]
+PARLEY = [sys.executable, "-m", "bot.runtime.cli"]
 SHOW_MODULES = (
-    "import sys, bot.cli\n"
-    "try:\n    code = bot.cli.main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
+    "import sys, bot.runtime.cli\n"
+    "try:\n    code = bot.runtime.cli.main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
     "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
@@ -146,8 +146,8 @@ def test_chat_with_the_embedded_model(tmp_path):
 def test_log_lines_never_show_a_token_from_the_environment(tmp_path, monkeypatch):
     import logging
 
-    from bot.cli import _setup_logging
-    from bot.config import parse_settings
+    from bot.runtime.cli import _setup_logging
+    from bot.core.config import parse_settings
 
     token = "123456:AAF-secret-token-value"
     monkeypatch.setenv("PARLEY_TEST_TG", token)

@@ -14,10 +14,11 @@ import dataclasses
 import pytest
 
 from adapters.fake import FakeAdapter
-from bot.app import ParleyApp
-from bot.generation import make_generation_client
-from bot.history import GROUP_NOTE
-from bot.types import JobStatus
+from bot.core.contracts import Outcome, QueueLimit, Refusal, RefusalKind
+from bot.runtime.app import ParleyApp
+from bot.generation.client import make_generation_client
+from bot.conversation.history import GROUP_NOTE
+from bot.core.types import JobStatus
 from tests.support import make_settings
 
 
@@ -35,7 +36,7 @@ async def bot(settings):
 
 async def answered(fake, app, text, **kwargs):
     result = await fake.say(text, **kwargs)
-    assert result.action == "queued", result
+    assert result.outcome is Outcome.QUEUED, result
     assert await app.router.wait_for(result.job_id) == JobStatus.DONE.value
     return result.job_id
 
@@ -60,7 +61,7 @@ async def test_a_direct_message_is_answered_and_stored(bot):
 async def test_group_messages_not_addressed_are_context_with_authors(bot):
     fake, app = bot
     result = await fake.say("the meeting is at noon", user="bob", addressed=False)
-    assert result.action == "recorded" and result.job_id is None
+    assert result.outcome is Outcome.RECORDED and result.job_id is None
     await asyncio.sleep(0.05)
     assert fake.replies == []  # nothing was sent to the model
     job_id = await answered(fake, app, "when is the meeting?", user="carol")
@@ -74,9 +75,9 @@ async def test_group_messages_not_addressed_are_context_with_authors(bot):
 
 async def test_bots_and_empty_messages_are_ignored(bot):
     fake, app = bot
-    assert (await fake.say("hi", is_bot=True)).action == "ignored"
-    assert (await fake.say("   ")).action == "ignored"
-    assert (await fake.say("/status@someotherbot")).action == "ignored"
+    assert (await fake.say("hi", is_bot=True)).outcome is Outcome.IGNORED
+    assert (await fake.say("   ")).outcome is Outcome.IGNORED
+    assert (await fake.say("/status@someotherbot")).outcome is Outcome.IGNORED
     assert await app.queue.depth() == 0
 
 
@@ -84,7 +85,7 @@ async def test_a_redelivered_message_is_answered_once(bot):
     fake, app = bot
     first = await fake.say("hi", message_id="same")
     again = await fake.say("hi", message_id="same")
-    assert first.action == "queued" and again.action == "duplicate" and again.job_id == first.job_id
+    assert first.outcome is Outcome.QUEUED and again.outcome is Outcome.DUPLICATE and again.job_id == first.job_id
     await app.queue.run_until_empty()
     assert len(fake.replies) == 1
 
@@ -95,7 +96,7 @@ async def test_admin_commands_are_refused_for_members_in_shared_chats(bot):
     conversation = await app.repo.get_or_create_conversation(fake.message("x").conversation, is_direct=False)
     for command in ("/reset", "/reset new prompt", "/system You are a pirate.", "/system clear", "/set temperature=1"):
         result = await fake.say(command, user="mallory", admin=False)
-        assert result.action == "command"
+        assert result.outcome is Outcome.COMMAND
         assert result.reply.startswith("Only admins can use /") and "Nothing was changed" in result.reply
     after = await app.repo.get_conversation(conversation.id)
     assert after.system_prompt is None and after.temperature is None
@@ -162,11 +163,11 @@ async def test_queue_bound_gives_a_busy_answer_and_keeps_the_message(tiny_model_
     fake = FakeAdapter()
     async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
         await app.queue.stop()  # hold dispatch so the jobs stay pending
-        assert (await fake.say("a", chat="one")).action == "queued"
+        assert (await fake.say("a", chat="one")).outcome is Outcome.QUEUED
         busy = await fake.say("b", chat="one")
-        assert busy.action == "busy" and busy.reply.startswith("I'm busy right now")
-        assert (await fake.say("c", chat="two")).action == "queued"
-        assert (await fake.say("d", chat="three")).action == "busy"
+        assert busy.outcome is Outcome.BUSY and busy.reply.startswith("I'm busy right now")
+        assert (await fake.say("c", chat="two")).outcome is Outcome.QUEUED
+        assert (await fake.say("d", chat="three")).outcome is Outcome.BUSY
         conversation = await app.repo.get_or_create_conversation(fake.message("x", chat="one").conversation, is_direct=False)
         assert [m.text for m in await app.repo.history(conversation.id)] == ["a", "b"]
 
@@ -211,7 +212,7 @@ async def test_many_conversations_at_once_all_get_one_reply(bot):
     fake, app = bot
     results = await asyncio.gather(*(fake.say(f"hello {n}", chat=f"c{n}") for n in range(10)))
     await app.queue.run_until_empty()
-    assert {r.action for r in results} == {"queued"}
+    assert {r.outcome for r in results} == {Outcome.QUEUED}
     assert sorted(r.conversation.key for r in fake.replies) == sorted(f"c{n}" for n in range(10))
     assert all(r.text for r in fake.replies)
     assert app.queue.stats["done"] == 10
@@ -269,16 +270,17 @@ async def test_per_user_pending_limit_and_message_rate_limit(tiny_model_dir, tmp
     fake = FakeAdapter()
     async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
         await app.queue.stop()  # hold dispatch so jobs stay pending
-        assert (await fake.say("one", chat="a", user="ann")).action == "queued"
-        assert (await fake.say("two", chat="b", user="ann")).action == "queued"
+        assert (await fake.say("one", chat="a", user="ann")).outcome is Outcome.QUEUED
+        assert (await fake.say("two", chat="b", user="ann")).outcome is Outcome.QUEUED
         third = await fake.say("three", chat="c", user="ann")
-        assert third.action == "busy"
-        assert third.reply.startswith("I'm busy right now (you already have 2 requests waiting (limit 2)")
-        assert (await fake.say("hi", chat="c", user="bob")).action == "queued"  # others are not held up
+        assert third.outcome is Outcome.BUSY
+        assert third.refusal == Refusal(RefusalKind.QUEUE_FULL, limit=QueueLimit.USER, count=2, maximum=2)
+        assert third.reply.startswith("I'm busy right now: you already have 2 requests waiting (the limit is 2)")
+        assert (await fake.say("hi", chat="c", user="bob")).outcome is Outcome.QUEUED  # others are not held up
         fourth = await fake.say("four", chat="c", user="ann")  # ann's 4th message this minute: allowed
-        assert fourth.action == "busy" and "you already have 2" in fourth.reply
+        assert fourth.outcome is Outcome.BUSY and "you already have 2" in fourth.reply
         fifth = await fake.say("five", chat="c", user="ann")
-        assert fifth.action == "busy"
+        assert fifth.outcome is Outcome.BUSY
         assert fifth.reply.startswith("You're sending messages faster than I can answer; try again in ")
         seconds = int(fifth.reply.rsplit("in ", 1)[1].split()[0])
         assert 1 <= seconds <= 60
@@ -289,17 +291,17 @@ async def test_bad_input_gets_clear_answers_and_nothing_reaches_the_model(tiny_m
     fake = FakeAdapter()
     async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
         long = await fake.say("x" * 101, direct=True, chat="dm")
-        assert long.action == "refused"
+        assert long.outcome is Outcome.REFUSED
         assert long.reply == "That message is too long (101 characters; the limit is 100). Nothing was sent to the model."
-        assert (await fake.say("\x00\x01 \u200b\t ", direct=True, chat="dm")).action in ("ignored", "queued")
+        assert (await fake.say("\x00\x01 \u200b\t ", direct=True, chat="dm")).outcome in (Outcome.IGNORED, Outcome.QUEUED)
         huge_system = await fake.say("/system " + "y" * 10_000_000, direct=True, chat="dm")
-        assert huge_system.action == "refused" and "too long" in huge_system.reply
+        assert huge_system.outcome is Outcome.REFUSED and "too long" in huge_system.reply
         banana = await fake.say("/set temperature=banana", direct=True, chat="dm")
         assert banana.reply.startswith("Nothing changed: temperature must be a number, not 'banana'")
         unknown = await fake.say("/set unknown=1", direct=True, chat="dm")
         assert unknown.reply.startswith("Nothing changed: unknown setting 'unknown'")
         odd = await fake.say("hello \ud800 there\x07\r\nbye", direct=True, chat="dm")
-        assert odd.action == "queued"
+        assert odd.outcome is Outcome.QUEUED
         await app.router.wait_for(odd.job_id)
         job = await app.repo.get_job(odd.job_id)
         assert job.prompt[-1]["content"] == "hello \ufffd there\nbye"

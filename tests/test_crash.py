@@ -38,7 +38,7 @@ def write_config(tmp_path: Path, model_dir: Path, fake: FakeTelegramAPI) -> Path
 
 async def start_bot(config: Path) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot.cli", "-c", str(config), "run",
+        sys.executable, "-m", "bot.runtime.cli", "-c", str(config), "run",
         cwd=ROOT, env=os.environ.copy(), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )

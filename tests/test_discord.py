@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from adapters.discord import MAX_LENGTH, TEXT_ONLY, DiscordAdapter
-from bot.app import ParleyApp
-from bot.errors import AdapterError, ConfigError
-from bot.generation import make_generation_client
-from bot.types import ConversationKey
+from bot.runtime.app import ParleyApp
+from bot.core.errors import AdapterError, ConfigError
+from bot.generation.client import make_generation_client
+from bot.core.types import ConversationKey
 from tests.fakes.discord_api import FakeDiscord, Permission
 from tests.support import jobs_of, make_settings
 
@@ -293,7 +293,7 @@ async def test_parley_run_connects_and_stops_on_sigterm(fake, world, tiny_model_
         "import sys, yarl, discord\n"
         f"discord.http.Route.BASE = {fake.api_base!r}\n"
         f"discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL({fake.gateway_url!r})\n"
-        "import bot.cli\n"
+        "import bot.runtime.cli\n"
         "sys.exit(bot.cli.main(sys.argv[1:]))\n"
     )
     process = await asyncio.create_subprocess_exec(

@@ -17,16 +17,17 @@ from pathlib import Path
 import pytest
 
 from adapters.fake import FakeAdapter
-from bot.app import ParleyApp
-from bot.errors import WorkerStartError
-from bot.generation import (
+from bot.core.contracts import Outcome
+from bot.runtime.app import ParleyApp
+from bot.core.errors import WorkerStartError
+from bot.generation.client import (
     GenerationRequest,
     GenerationResult,
     TextDelta,
     make_generation_client,
 )
-from bot.openai_client import OpenAIGenerationClient, rough_token_count
-from bot.types import ChatMessage, GenerationSettings, JobStatus
+from bot.generation.openai_client import OpenAIGenerationClient, rough_token_count
+from bot.core.types import ChatMessage, GenerationSettings, JobStatus
 from tests.support import jobs_of, make_settings
 
 SERVER_START_TIMEOUT = 90.0
@@ -122,7 +123,7 @@ async def test_unreachable_server_at_start_names_the_base_url_setting(tiny_model
 
 
 async def test_api_key_comes_from_the_named_variable_and_is_required(tiny_model_dir, tmp_path, monkeypatch):
-    from bot.errors import ConfigError
+    from bot.core.errors import ConfigError
 
     monkeypatch.delenv("PARLEY_TEST_OPENAI_KEY", raising=False)
     settings = openai_settings(tiny_model_dir, tmp_path, "http://127.0.0.1:9/v1", openai={"api_key_env": "PARLEY_TEST_OPENAI_KEY"})
@@ -131,8 +132,8 @@ async def test_api_key_comes_from_the_named_variable_and_is_required(tiny_model_
 
 
 def test_rough_counter_trims_the_oldest_turns_to_the_server_context():
-    from bot.config import Settings
-    from bot.generation import ModelInfo
+    from bot.core.config import Settings
+    from bot.generation.client import ModelInfo
 
     client = OpenAIGenerationClient(Settings())
     client._info = ModelInfo("m", "n/a (server)", "remote", "n/a", context_window=100, max_batch=1)
@@ -153,7 +154,7 @@ async def test_http_errors_map_to_job_failed_or_worker_dead(tiny_model_dir, tmp_
     on 127.0.0.1 stands in for the error statuses other servers (vLLM, OpenAI) send."""
     from aiohttp import web
 
-    from bot import errors
+    from bot.core import errors
 
     async def models(request):
         return web.json_response({"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": 512}]})
@@ -212,7 +213,7 @@ async def test_a_streamed_reply_through_the_queue_is_stored(server, tiny_model_d
     fake = FakeAdapter()
     async with ParleyApp(settings, [fake]) as app:
         result = await fake.say("Hello there", direct=True, chat="dm")
-        assert result.action == "queued", result
+        assert result.outcome is Outcome.QUEUED, result
         assert await app.router.wait_for(result.job_id) == JobStatus.DONE.value
         [reply] = fake.replies_in("dm")
         assert reply.failed is None and reply.text and reply.updates  # streamed, then finished
@@ -231,7 +232,7 @@ async def test_reset_while_streaming_cancels_the_reply(server, tiny_model_dir, t
         result = await fake.say("tell me a long story", direct=True, chat="dm")
         await wait_until(lambda: fake.replies and fake.replies[0].updates)
         reset = await fake.say("/reset", direct=True, chat="dm")
-        assert reset.action == "command"
+        assert reset.outcome is Outcome.COMMAND
         assert await asyncio.wait_for(app.router.wait_for(result.job_id), 10) == JobStatus.CANCELLED.value
         [reply] = fake.replies_in("dm")
         assert (reply.text or "").endswith("[stopped]") or reply.failed == "[stopped]"
@@ -274,7 +275,7 @@ async def test_server_killed_mid_stream_fails_the_job_clearly_and_the_bot_lives_
             health = await app.client.health()
             assert not health.alive and "ping failed" in health.extra["last_error"]
             status = await fake.say("/status", direct=True, chat="dm")
-            assert status.action == "command" and status.reply
+            assert status.outcome is Outcome.COMMAND and status.reply
     finally:
         server.stop()
 
@@ -282,8 +283,8 @@ async def test_server_killed_mid_stream_fails_the_job_clearly_and_the_bot_lives_
 @pytest.mark.slow
 async def test_the_embedded_model_through_transformers_serve(tiny_model_dir, tmp_path):
     """The issue's setting: `transformers serve` with the embedded SmolLM2 (its GGUF converted once)."""
-    from bot.config import ModelSettings
-    from bot.worker import model_folder
+    from bot.core.config import ModelSettings
+    from bot.worker.engine import model_folder
 
     folder = Path(model_folder(ModelSettings()))
     server = Server(folder, tmp_path / "serve.log")

@@ -19,7 +19,7 @@ import pytest
 from alembic import command
 from sqlalchemy import inspect, text, update
 
-from bot.types import ConversationKey, JobStatus
+from bot.core.types import ConversationKey, JobStatus
 from storage import Database, Job, Repository, alembic_config, default_owner, head_revision, upgrade_database
 from storage.models import utcnow
 from tests.pg_server import postgres_server, postgres_url  # noqa: F401  (fixtures)
@@ -195,8 +195,8 @@ def test_migrations_downgrade_and_upgrade_again(url: str) -> None:
 BOT_PROCESS = """
 import asyncio, json, sys
 from adapters.fake import FakeAdapter
-from bot.app import ParleyApp
-from bot.generation import make_generation_client
+from bot.runtime.app import ParleyApp
+from bot.generation.client import make_generation_client
 from tests.support import make_settings
 from pathlib import Path
 

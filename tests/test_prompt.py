@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.errors import JobFailed
-from bot.prompt import PromptTooLong, fit_to_budget
-from bot.types import ChatMessage
+from bot.core.errors import JobFailed
+from bot.generation.prompt import PromptTooLong, fit_to_budget
+from bot.core.types import ChatMessage
 
 
 class WordCounter:

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot import protocol
-from bot.config import ModelSettings, WorkerSettings
-from bot.errors import GenerationError
-from bot.generation import ModelInfo
-from bot.types import ChatMessage, GenerationSettings
+from bot.generation import protocol
+from bot.core.config import ModelSettings, WorkerSettings
+from bot.core.errors import GenerationError
+from bot.generation.client import ModelInfo
+from bot.core.types import ChatMessage, GenerationSettings
 
 EXAMPLES = [
     protocol.Configure(

@@ -20,8 +20,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, inspect, text
 
-from bot.errors import QueueFull, StorageError
-from bot.types import ConversationKey, GenerationSettings, JobStatus, Role
+from bot.core.errors import QueueFull, StorageError
+from bot.core.types import ConversationKey, GenerationSettings, JobStatus, Role
 from storage import (
     UNCHANGED,
     Base,

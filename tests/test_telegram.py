@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from adapters.telegram import MENU, TEXT_ONLY, TelegramAdapter
-from bot.app import ParleyApp
-from bot.errors import AdapterError, ConfigError
-from bot.generation import make_generation_client
-from bot.types import ConversationKey
+from bot.runtime.app import ParleyApp
+from bot.core.errors import AdapterError, ConfigError
+from bot.generation.client import make_generation_client
+from bot.core.types import ConversationKey
 from tests.fakes.telegram_api import FakeTelegramAPI
 from tests.support import jobs_of, make_settings
 
@@ -269,7 +269,7 @@ async def test_parley_run_polls_and_stops_on_sigterm(fake, tiny_model_dir, tmp_p
         "[console]\nenabled = false\n"
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot.cli", "-v", "-c", str(config), "run",  # DEBUG: the most there is to leak
+        sys.executable, "-m", "bot.runtime.cli", "-v", "-c", str(config), "run",  # DEBUG: the most there is to leak
         cwd=ROOT, env={**os.environ}, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
@@ -328,7 +328,7 @@ async def _history_texts(settings, user):
 
 
 async def test_doctor_checks_database_model_and_tokens(fake, tiny_model_dir, tmp_path, monkeypatch):
-    from bot.doctor import run_doctor
+    from bot.runtime.doctor import run_doctor
 
     settings = telegram_settings(tiny_model_dir, tmp_path, fake)
     lines: list[str] = []

@@ -5,7 +5,7 @@ import unicodedata
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.text import normalize_text
+from bot.core.text import normalize_text
 
 
 def test_examples():

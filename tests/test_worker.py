@@ -24,13 +24,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bot.config import ModelSettings, Settings, WorkerSettings
-from bot.errors import JobFailed, WorkerDead, WorkerStartError
-from bot.generation import GenerationClient, GenerationRequest, GenerationResult, TextDelta
-from bot.inprocess_client import InProcessGenerationClient
-from bot.subprocess_client import SubprocessGenerationClient
-from bot.types import ChatMessage, GenerationSettings
-from bot.worker import IncrementalDetokenizer
+from bot.core.config import ModelSettings, Settings, WorkerSettings
+from bot.core.errors import JobFailed, WorkerDead, WorkerStartError
+from bot.generation.client import GenerationClient, GenerationRequest, GenerationResult, TextDelta
+from bot.generation.inprocess_client import InProcessGenerationClient
+from bot.generation.subprocess_client import SubprocessGenerationClient
+from bot.core.types import ChatMessage, GenerationSettings
+from bot.worker.engine import IncrementalDetokenizer
 from tests.tiny_model import embedded_gguf_folder, tiny_settings
 
 # The shared worker lives for the whole module, so its tests share the module's event loop.

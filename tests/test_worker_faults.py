@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import parse_settings
-from bot.errors import WorkerDead
-from bot.generation import GenerationRequest
-from bot.subprocess_client import SubprocessGenerationClient
-from bot.types import ChatMessage, GenerationSettings
+from bot.core.config import parse_settings
+from bot.core.errors import WorkerDead
+from bot.generation.client import GenerationRequest
+from bot.generation.subprocess_client import SubprocessGenerationClient
+from bot.core.types import ChatMessage, GenerationSettings
 
 HANGING_WORKER = """
 import json, sys, time
@@ -90,7 +90,7 @@ while True:
 
 async def test_a_poisoned_job_fails_alone_and_the_others_are_answered(tmp_path: Path, tiny_model_dir) -> None:
     from adapters.fake import FakeAdapter
-    from bot.app import ParleyApp
+    from bot.runtime.app import ParleyApp
     from tests.support import make_settings
 
     script = tmp_path / "poisonable_worker.py"

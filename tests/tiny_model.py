@@ -10,7 +10,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from bot.config import ModelSettings, Settings, WorkerSettings
+from bot.core.config import ModelSettings, Settings, WorkerSettings
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -15,27 +15,27 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .errors import JobFailed, QueueFull, StorageError, WorkerDead
-from .generation import GenerationRequest, GenerationResult, TextDelta
-from .history import build_chat, effective_settings
-from .types import ConversationKey, IncomingMessage, JobStatus
+from bot.conversation import messages
+from bot.core.errors import BackendDown, JobFailed, StorageError
+from bot.generation.client import GenerationRequest, GenerationResult, TextDelta
+from bot.conversation.history import build_chat, effective_settings
+from bot.core.types import ConversationKey, IncomingMessage, JobStatus
 
 if TYPE_CHECKING:
     from adapters.base import Adapter, ReplyStream
     from storage import Repository
 
-    from .config import Settings
-    from .generation import GenerationClient
+    from bot.core.config import Settings
+    from bot.generation.client import GenerationClient
 
 __all__ = ["GenerationQueue", "current_job"]
 
-# The job being worked on, for log lines written anywhere beneath `_run_job` (see bot.cli).
+# The job being worked on, for log lines written anywhere beneath `_run_job` (see bot.runtime.cli).
 current_job: contextvars.ContextVar[int | None] = contextvars.ContextVar("parley_job", default=None)
 
 log = logging.getLogger("parley.queue")
 
 TERMINAL = {JobStatus.DONE.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value}
-EMPTY_REPLY = "(the model gave an empty reply)"
 
 
 class GenerationQueue:
@@ -98,20 +98,17 @@ class GenerationQueue:
         """Record the user's message and queue a job for it, in one transaction. Returns
         (job, created); a message seen before creates nothing. Raises QueueFull (the message
         itself is kept as context)."""
-        try:
-            _, job, created = await self.repo.record_and_enqueue(
-                conversation_id,
-                author_id=message.author.id,
-                author_name=message.author.name,
-                text=text,
-                platform_message_id=message.message_id,
-                reply_to=message.reply_to,
-                max_pending=self.settings.queue.max_pending,
-                max_pending_per_conversation=self.settings.queue.max_pending_per_conversation,
-                max_pending_per_user=self.settings.queue.max_pending_per_user,
-            )
-        except QueueFull as exc:
-            raise QueueFull(f"I'm busy right now ({exc}). Please try again in a minute.") from None
+        _, job, created = await self.repo.record_and_enqueue(
+            conversation_id,
+            author_id=message.author.id,
+            author_name=message.author.name,
+            text=text,
+            platform_message_id=message.message_id,
+            reply_to=message.reply_to,
+            max_pending=self.settings.queue.max_pending,
+            max_pending_per_conversation=self.settings.queue.max_pending_per_conversation,
+            max_pending_per_user=self.settings.queue.max_pending_per_user,
+        )
         if created:
             self._wake.set()
         return job, created
@@ -269,7 +266,7 @@ class GenerationQueue:
         except Exception as exc:
             log.exception("job %d failed unexpectedly", job_id)
             await self.repo.fail_job(job_id, f"internal error: {type(exc).__name__}")
-            await self._notify_failure(job_id, "Sorry, something went wrong while answering. The error was logged.")
+            await self._notify_failure(job_id, messages.JOB_CRASHED)
             final = JobStatus.FAILED.value
         finally:
             self._tasks.pop(job_id, None)
@@ -320,31 +317,28 @@ class GenerationQueue:
                             await self.repo.set_reply_platform_ids(job_id, saved_ids)
                 else:
                     result = event
-        except WorkerDead as exc:
+        except BackendDown as exc:
             attempts = await self.repo.requeue_job(job_id, f"worker died: {exc}")
             if attempts >= self.settings.worker.max_attempts:
                 log.error("job %d: the worker died %d times while answering it; giving up", job_id, attempts)
                 await self.repo.fail_job(job_id, f"worker died {attempts} times")
-                await stream.fail(
-                    "Sorry, the model crashed while answering this message, "
-                    f"{attempts} times in a row, so I gave up. Try a shorter message, or ask an admin to check the logs."
-                )
+                await stream.fail(messages.backend_gave_up(attempts))
                 return JobStatus.FAILED.value
             log.warning("job %d: the worker died (attempt %d of %d); it will be retried", job_id, attempts, self.settings.worker.max_attempts)
             self.stats["retried"] += 1
             return None
         except JobFailed as exc:
             await self.repo.fail_job(job_id, str(exc))
-            await stream.fail(f"Sorry, I could not answer that: {exc}")
+            await stream.fail(messages.job_failed(str(exc)))
             return JobStatus.FAILED.value
         if job_id in self._cancelled or (result is not None and result.finish_reason == "cancelled"):
             await self.repo.cancel_job(job_id)
             if text.strip():
-                await stream.finish(text + "\n[stopped]")
+                await stream.finish(f"{text}\n{messages.STOPPED}")
             else:
-                await stream.fail("[stopped]")
+                await stream.fail(messages.STOPPED)
             return JobStatus.CANCELLED.value
-        reply = text.strip() or EMPTY_REPLY
+        reply = text.strip() or messages.EMPTY_REPLY
         platform_ids = await stream.finish(reply)
         await self.repo.finish_job(
             job_id,

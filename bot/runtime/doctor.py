@@ -11,8 +11,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from .config import EMBEDDED_MODEL, Settings
-from .errors import ParleyError
+from bot.core.config import EMBEDDED_MODEL, Settings
+from bot.core.errors import ParleyError
 
 __all__ = ["run_doctor"]
 
@@ -41,8 +41,8 @@ async def _model(settings: Settings) -> str:
     if settings.model.model != EMBEDDED_MODEL and settings.model.model.startswith((".", "/")):
         if not Path(settings.model.model).is_dir():
             raise ParleyError(f"[model] model = {settings.model.model!r} is not a folder")
-    from .generation import GenerationRequest, make_generation_client
-    from .types import ChatMessage, GenerationSettings
+    from bot.generation.client import GenerationRequest, make_generation_client
+    from bot.core.types import ChatMessage, GenerationSettings
 
     started = time.monotonic()
     async with make_generation_client(settings) as client:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from .types import ChatMessage, GenerationSettings, Role
+from bot.core.types import ChatMessage, GenerationSettings, Role
 
 __all__ = ["build_chat", "effective_system_prompt", "effective_settings", "GROUP_NOTE"]
 

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import openai
 
-from .errors import JobFailed, WorkerDead, WorkerStartError
-from .generation import (
+from bot.core.errors import JobFailed, WorkerDead, WorkerStartError
+from bot.generation.client import (
     GenerationClient,
     GenerationRequest,
     GenerationResult,
@@ -47,11 +47,11 @@ from .generation import (
     TextDelta,
     WorkerHealth,
 )
-from .prompt import fit_to_budget
-from .types import ChatMessage
+from bot.generation.prompt import fit_to_budget
+from bot.core.types import ChatMessage
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from bot.core.config import Settings
 
 __all__ = ["OpenAIGenerationClient", "rough_token_count"]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .errors import JobFailed
-from .types import ChatMessage
+from bot.core.errors import JobFailed
+from bot.core.types import ChatMessage
 
 __all__ = ["PromptTooLong", "fit_to_budget"]
 

@@ -10,20 +10,21 @@ import logging
 import math
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .commands import ADMIN_COMMANDS, MAX_COMMAND_CHARS, parse_command, run_command
-from .errors import ParleyError, QueueFull
-from .text import normalize_text
-from .types import ConversationKey, IncomingMessage, Role
+from bot.conversation.commands import ADMIN_COMMANDS, MAX_COMMAND_CHARS, parse_command, run_command
+from bot.conversation import messages
+from bot.core.contracts import Outcome, Refusal, RefusalKind, RouteResult
+from bot.core.errors import ParleyError, QueueFull
+from bot.core.text import normalize_text
+from bot.core.types import ConversationKey, IncomingMessage, Role
 
 if TYPE_CHECKING:
     from storage import Repository
 
-    from .config import Settings
-    from .generation import GenerationClient
-    from .queue import GenerationQueue
+    from bot.core.config import Settings
+    from bot.generation.client import GenerationClient
+    from bot.jobs.queue import GenerationQueue
 
 __all__ = ["Router", "RouteResult"]
 
@@ -32,15 +33,8 @@ log = logging.getLogger("parley.router")
 RATE_WINDOW = 60.0
 
 
-@dataclass(frozen=True, slots=True)
-class RouteResult:
-    """What the router did. `reply`, when set, is a short answer the adapter shows the author
-    (a command's answer, a refusal, "busy"); generated replies come through a ReplyStream."""
-
-    action: str
-    """"ignored", "recorded", "command", "queued", "duplicate", "busy", "refused" or "error"."""
-    reply: str | None = None
-    job_id: int | None = None
+def _refused(outcome: Outcome, refusal: Refusal) -> RouteResult:
+    return RouteResult(outcome, reply=messages.render_refusal(refusal), refusal=refusal, private=True)
 
 
 class Router:
@@ -63,30 +57,30 @@ class Router:
             return await self._handle(message)
         except ParleyError as exc:
             log.warning("could not handle message %s in %s: %s", message.message_id, message.conversation, exc)
-            return RouteResult("error", reply=f"Sorry, I could not handle that: {exc}")
+            return RouteResult(Outcome.ERROR, reply=messages.could_not_handle(str(exc)), private=True)
         except Exception:
             # The core's one error hook: log with the traceback, tell the user something short.
             log.exception("unexpected error handling message %s in %s", message.message_id, message.conversation)
-            return RouteResult("error", reply="Sorry, something went wrong on my side. The error was logged.")
+            return RouteResult(Outcome.ERROR, reply=messages.UNEXPECTED_ERROR, private=True)
 
     async def _handle(self, message: IncomingMessage) -> RouteResult:
         if message.author.is_bot:
-            return RouteResult("ignored")
+            return RouteResult(Outcome.IGNORED)
         text = normalize_text(message.text)
         limit = self.settings.bot.max_input_chars
         if text.startswith("/"):
             command = parse_command(text, self._bot_usernames.get(message.conversation.platform))
             if command is None:
-                return RouteResult("ignored")
+                return RouteResult(Outcome.IGNORED)
             if len(text) > max(limit, MAX_COMMAND_CHARS):
-                return RouteResult("refused", reply=f"That command is too long ({len(text)} characters).")
-            return RouteResult("command", reply=await run_command(self, message, command))
+                return _refused(Outcome.REFUSED, Refusal(RefusalKind.TOO_LONG, count=len(text), command=command.name))
+            reply = await run_command(self, message, command)
+            # Transitional: the command registry will return the refusal as a value.
+            return RouteResult(Outcome.COMMAND, reply=reply, private=reply.startswith("Only admins"))
         if not text:
-            return RouteResult("ignored")
+            return RouteResult(Outcome.IGNORED)
         if message.addressed and len(text) > limit:
-            return RouteResult(
-                "refused", reply=f"That message is too long ({len(text)} characters; the limit is {limit}). Nothing was sent to the model."
-            )
+            return _refused(Outcome.REFUSED, Refusal(RefusalKind.TOO_LONG, count=len(text), maximum=limit))
         conversation = await self.conversation_for(message)
         if not message.addressed:
             await self.repo.record_message(
@@ -99,19 +93,18 @@ class Router:
                 reply_to=message.reply_to,
                 created_at=message.sent_at,
             )
-            return RouteResult("recorded")
+            return RouteResult(Outcome.RECORDED)
         wait = self._rate_limited(message)
         if wait is not None:
-            return RouteResult(
-                "busy", reply=f"You're sending messages faster than I can answer; try again in {wait} s."
-            )
+            return _refused(Outcome.BUSY, Refusal(RefusalKind.RATE_LIMITED, seconds=wait))
         try:
             job, created = await self.queue.enqueue(conversation.id, message, text)
         except QueueFull as exc:
-            return RouteResult("busy", reply=str(exc))
+            refusal = Refusal(RefusalKind.QUEUE_FULL, limit=exc.limit, count=exc.count, maximum=exc.maximum)
+            return _refused(Outcome.BUSY, refusal)
         if not created:
-            return RouteResult("duplicate", job_id=job.id if job else None)
-        return RouteResult("queued", job_id=job.id if job else None)
+            return RouteResult(Outcome.DUPLICATE, job_id=job.id if job else None)
+        return RouteResult(Outcome.QUEUED, job_id=job.id if job else None)
 
     def _rate_limited(self, message: IncomingMessage) -> int | None:
         """Seconds until this user may send again, or None. A sliding one-minute window per user."""
@@ -151,7 +144,7 @@ class Router:
 
     def refusal(self, command: str) -> str:
         assert command in ADMIN_COMMANDS
-        return f"Only admins can use /{command} here. Nothing was changed."
+        return messages.render_refusal(Refusal(RefusalKind.NOT_ADMIN, command=command))
 
     async def audit(self, message: IncomingMessage, conversation_id: int, action: str, detail: str) -> None:
         await self.repo.audit(

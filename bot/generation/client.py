@@ -11,7 +11,7 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from .types import ChatMessage, GenerationSettings
+from bot.core.types import ChatMessage, GenerationSettings
 
 __all__ = [
     "GenerationRequest",
@@ -119,13 +119,13 @@ def make_generation_client(settings, *, in_process: bool = False) -> GenerationC
     """By `[model] backend`: an OpenAI-compatible server, or the worker process (in this process
     for tests)."""
     if settings.model.backend == "openai":
-        from .openai_client import OpenAIGenerationClient
+        from bot.generation.openai_client import OpenAIGenerationClient
 
         return OpenAIGenerationClient(settings)
     if in_process:
-        from .inprocess_client import InProcessGenerationClient
+        from bot.generation.inprocess_client import InProcessGenerationClient
 
         return InProcessGenerationClient(settings)
-    from .subprocess_client import SubprocessGenerationClient
+    from bot.generation.subprocess_client import SubprocessGenerationClient
 
     return SubprocessGenerationClient(settings)

@@ -1,6 +1,6 @@
 """The worker: the only module of Parley that imports torch, transformers and bitsandbytes.
 
-`python -m bot.worker` is the worker process. It reads `bot.protocol` lines on stdin and writes
+`python -m bot.worker` is the worker process. It reads `bot.generation.protocol` lines on stdin and writes
 them on a private duplicate of stdout; fd 1 itself is pointed at stderr before anything heavy is
 imported, so a stray print or progress bar from a library can never corrupt the protocol.
 stderr carries the logs, which the subprocess client forwards to the `parley.worker` logger.
@@ -45,12 +45,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
-from . import protocol  # noqa: E402
-from .config import EMBEDDED_MODEL, ModelSettings, WorkerSettings, default_cache_dir  # noqa: E402
-from .errors import JobFailed  # noqa: E402
-from .generation import ModelInfo  # noqa: E402
-from .prompt import fit_to_budget  # noqa: E402
-from .types import ChatMessage, GenerationSettings  # noqa: E402
+from bot.generation import protocol  # noqa: E402
+from bot.core.config import EMBEDDED_MODEL, ModelSettings, WorkerSettings, default_cache_dir  # noqa: E402
+from bot.core.errors import JobFailed  # noqa: E402
+from bot.generation.client import ModelInfo  # noqa: E402
+from bot.generation.prompt import fit_to_budget  # noqa: E402
+from bot.core.types import ChatMessage, GenerationSettings  # noqa: E402
 
 __all__ = [
     "EMBEDDED_GGUF",
@@ -627,7 +627,7 @@ class Engine:
     """Runs generation jobs on a loaded model, up to `max_batch` of them decoded together.
 
     `submit` and `cancel` may be called from any thread; `run` loops on one thread until `stop`.
-    Everything the engine has to say goes out through `emit` as `bot.protocol` messages: the
+    Everything the engine has to say goes out through `emit` as `bot.generation.protocol` messages: the
     worker process writes them to its stdout, the in-process client hands them to its event loop.
 
     Admission is continuous: before every decode step, waiting jobs join the running batch while
@@ -1055,11 +1055,3 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     writer = _ProtocolWriter(os.fdopen(_PROTOCOL_FD, "wb"))
     return _WorkerServer(writer).serve(sys.stdin.buffer)
-
-
-if __name__ == "__main__":
-    code = main()
-    logging.shutdown()
-    sys.stderr.flush()
-    # Skip interpreter teardown: with torch loaded it is slow and nothing is left to clean up.
-    os._exit(code)

@@ -8,11 +8,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .history import effective_settings, effective_system_prompt
-from .types import SETTING_RANGES, IncomingMessage
+from bot.conversation.history import effective_settings, effective_system_prompt
+from bot.core.types import SETTING_RANGES, IncomingMessage
 
 if TYPE_CHECKING:
-    from .router import Router
+    from bot.conversation.router import Router
 
 __all__ = ["COMMANDS", "ADMIN_COMMANDS", "ParsedCommand", "parse_command", "run_command", "parse_settings_args"]
 

@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import protocol
-from .config import Settings
-from .errors import JobFailed, WorkerDead, WorkerStartError
-from .generation import GenerationClient, GenerationRequest, GenerationResult, ModelInfo, TextDelta, WorkerHealth
+from bot.generation import protocol
+from bot.core.config import Settings
+from bot.core.errors import JobFailed, WorkerDead, WorkerStartError
+from bot.generation.client import GenerationClient, GenerationRequest, GenerationResult, ModelInfo, TextDelta, WorkerHealth
 
 __all__ = ["SubprocessGenerationClient", "WorkerClientBase", "JobStreams", "describe_exit"]
 

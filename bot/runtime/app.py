@@ -7,11 +7,11 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .config import Settings
-from .errors import ConfigError
-from .generation import GenerationClient, make_generation_client
-from .queue import GenerationQueue
-from .router import Router
+from bot.core.config import Settings
+from bot.core.errors import ConfigError
+from bot.generation.client import GenerationClient, make_generation_client
+from bot.jobs.queue import GenerationQueue
+from bot.conversation.router import Router
 
 if TYPE_CHECKING:
     from adapters.base import Adapter

@@ -30,10 +30,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar, Union
 
-from .config import ModelSettings, WorkerSettings
-from .errors import GenerationError
-from .generation import ModelInfo
-from .types import ChatMessage, GenerationSettings
+from bot.core.config import ModelSettings, WorkerSettings
+from bot.core.errors import GenerationError
+from bot.generation.client import ModelInfo
+from bot.core.types import ChatMessage, GenerationSettings
 
 __all__ = [
     "ProtocolError",

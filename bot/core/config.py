@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .errors import ConfigError
-from .types import SETTING_RANGES, GenerationSettings
+from bot.core.errors import ConfigError
+from bot.core.types import SETTING_RANGES, GenerationSettings
 
 __all__ = [
     "Settings",

@@ -13,14 +13,14 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from . import protocol
-from .config import Settings
-from .errors import WorkerDead, WorkerStartError
-from .generation import ModelInfo, WorkerHealth
-from .subprocess_client import Send, WorkerClientBase
+from bot.generation import protocol
+from bot.core.config import Settings
+from bot.core.errors import WorkerDead, WorkerStartError
+from bot.generation.client import ModelInfo, WorkerHealth
+from bot.generation.subprocess_client import Send, WorkerClientBase
 
 if TYPE_CHECKING:
-    from .worker import Engine
+    from bot.worker.engine import Engine
 
 __all__ = ["InProcessGenerationClient"]
 
@@ -51,7 +51,7 @@ class InProcessGenerationClient(WorkerClientBase):
             return self._model_info
         if self._stopped:
             raise WorkerStartError("this generation client was stopped; make a new one")
-        from . import worker  # torch is imported here, not when the bot imports this module
+        from bot.worker import engine as worker  # torch is imported here, not when the bot imports this module
 
         def progress(stage: str, text: str) -> None:
             log.info("%s: %s", stage, text)

@@ -10,8 +10,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .config import Settings, load_settings
-from .errors import ParleyError
+from bot.core.config import Settings, load_settings
+from bot.core.errors import ParleyError
 
 __all__ = ["main"]
 
@@ -61,7 +61,7 @@ class JobContext(logging.Filter):
     """Adds ` job=N` to log lines written while a job is being worked on."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from .queue import current_job
+        from bot.jobs.queue import current_job
 
         job = current_job.get()
         record.job = f" job={job}" if job is not None else ""
@@ -97,7 +97,7 @@ def _log_unexpected(loop: asyncio.AbstractEventLoop, context: dict) -> None:
 async def _serve(settings: Settings, *, console_conversation: str | None, console_only: bool) -> None:
     from adapters.console import ConsoleAdapter
 
-    from .app import ParleyApp, enabled_adapters
+    from bot.runtime.app import ParleyApp, enabled_adapters
 
     asyncio.get_running_loop().set_exception_handler(_log_unexpected)
     if console_conversation:
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"database is at revision {revision}")
             return 0
         if args.command == "doctor":
-            from .doctor import run_doctor
+            from bot.runtime.doctor import run_doctor
 
             return 1 if asyncio.run(run_doctor(settings, model=not args.no_model)) else 0
         if args.command == "config":

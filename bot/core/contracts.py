@@ -1,0 +1,159 @@
+"""What adapters and the core agree on: the one place both sides import.
+
+An adapter converts platform events into `IncomingMessage`s and hands them to the `Core`; the core
+answers with a `RouteResult` (what happened, as a value) and shows generated replies through a
+`ReplyStream` the job queue opens with `Adapter.open_reply`. Nothing here knows a platform.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from bot.core.types import ConversationKey, IncomingMessage
+
+__all__ = [
+    "Core",
+    "Outcome",
+    "RefusalKind",
+    "QueueLimit",
+    "Refusal",
+    "RouteResult",
+    "Adapter",
+    "ReplyStream",
+]
+
+
+class Outcome(str, enum.Enum):
+    """What the core did with one incoming message."""
+
+    IGNORED = "ignored"
+    """Not for this bot: another bot's command, an empty message, a bot's own message."""
+    RECORDED = "recorded"
+    """Kept as context; no answer."""
+    COMMAND = "command"
+    """A command ran; `RouteResult.reply` is its answer."""
+    QUEUED = "queued"
+    """Recorded and queued; the answer streams through a ReplyStream."""
+    DUPLICATE = "duplicate"
+    """Seen before (a redelivered update); nothing new happened."""
+    BUSY = "busy"
+    """Refused for now (rate or queue limit); `RouteResult.refusal` says which and for how long."""
+    REFUSED = "refused"
+    """Refused for good (too long, not allowed); `RouteResult.refusal` says why."""
+    ERROR = "error"
+    """Something failed; the reply says so without internals."""
+
+
+class RefusalKind(str, enum.Enum):
+    NOT_ADMIN = "not_admin"
+    TOO_LONG = "too_long"
+    RATE_LIMITED = "rate_limited"
+    QUEUE_FULL = "queue_full"
+
+
+class QueueLimit(str, enum.Enum):
+    """Which queue bound was reached (`[queue]` keys)."""
+
+    USER = "max_pending_per_user"
+    CONVERSATION = "max_pending_per_conversation"
+    TOTAL = "max_pending"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a message or command was refused, as data; `bot.conversation.messages` renders it."""
+
+    kind: RefusalKind
+    seconds: int | None = None
+    """RATE_LIMITED: seconds until the user may send again."""
+    limit: QueueLimit | None = None
+    """QUEUE_FULL: which bound."""
+    count: int = 0
+    """TOO_LONG: characters sent; QUEUE_FULL: jobs already waiting."""
+    maximum: int = 0
+    """TOO_LONG: the character limit; QUEUE_FULL: the bound's value."""
+    command: str | None = None
+    """NOT_ADMIN and command refusals: the command's name."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    """What the core did. `reply`, when set, is a short answer the adapter shows the author
+    (a command's answer, a refusal); generated replies come through a ReplyStream."""
+
+    outcome: Outcome
+    reply: str | None = None
+    job_id: int | None = None
+    refusal: Refusal | None = None
+    private: bool = False
+    """The answer concerns the author only (a refusal, an error, a personal listing): platforms
+    that can show it to the author alone (Discord's ephemeral answers) should."""
+
+
+class Core(Protocol):
+    """What an adapter may ask of Parley's core (implemented by `bot.conversation.Router`)."""
+
+    async def handle(self, message: IncomingMessage) -> RouteResult: ...
+
+    async def handle_edit(self, message: IncomingMessage) -> bool: ...
+
+    async def handle_delete(self, conversation: ConversationKey, message_id: str) -> bool: ...
+
+    async def wait_for(self, job_id: int) -> str: ...
+
+    def set_bot_username(self, platform: str, username: str) -> None: ...
+
+
+class ReplyStream(abc.ABC):
+    """One generated reply on its way to the platform.
+
+    `update` gets the whole text so far (not a delta) and may be called often: the adapter
+    throttles edits to its platform's rate. `finish` shows the final text and returns the
+    platform ids of the messages it used. `fail` replaces the reply with an error notice.
+    """
+
+    @abc.abstractmethod
+    async def update(self, text: str) -> None: ...
+
+    @abc.abstractmethod
+    async def finish(self, text: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def fail(self, notice: str) -> None: ...
+
+    @property
+    def posted_ids(self) -> list[str]:
+        """Platform ids of the messages posted so far (the queue persists them while streaming)."""
+        return []
+
+
+class Adapter(abc.ABC):
+    """A platform. Long-lived: `start(core)` then `stop()`; nothing connects at construction."""
+
+    platform: str = ""
+    max_message_length: int = 4000
+    edit_interval: float = 1.0
+
+    @abc.abstractmethod
+    async def start(self, core: Core) -> None:
+        """Connect and begin delivering messages to `core.handle`."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Disconnect; pending replies are left to the queue (they are persisted)."""
+
+    @abc.abstractmethod
+    async def open_reply(
+        self, conversation: ConversationKey, reply_to: str | None, resume: Sequence[str] = ()
+    ) -> ReplyStream:
+        """Begin a generated reply in `conversation`, answering message `reply_to` when given.
+        `resume` lists messages an interrupted attempt already posted: edit them, don't repost."""
+
+    async def send(self, conversation: ConversationKey, text: str, reply_to: str | None = None) -> list[str]:
+        """Send a plain message (a notice); the default goes through a reply stream."""
+        stream = await self.open_reply(conversation, reply_to)
+        return await stream.finish(text)
