@@ -16,7 +16,7 @@ import pytest
 from adapters.fake import FakeAdapter
 from bot.core.contracts import Outcome, QueueLimit, Refusal, RefusalKind
 from bot.runtime.app import ParleyApp
-from bot.generation.client import make_generation_client
+from bot.runtime.backends import make_generation_client
 from bot.conversation.history import GROUP_NOTE
 from bot.core.types import JobStatus
 from tests.support import make_settings

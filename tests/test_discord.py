@@ -15,7 +15,7 @@ import pytest
 from adapters.discord import MAX_LENGTH, TEXT_ONLY, DiscordAdapter
 from bot.runtime.app import ParleyApp
 from bot.core.errors import AdapterError, ConfigError
-from bot.generation.client import make_generation_client
+from bot.runtime.backends import make_generation_client
 from bot.core.types import ConversationKey
 from tests.fakes.discord_api import FakeDiscord, Permission
 from tests.support import jobs_of, make_settings

@@ -24,8 +24,8 @@ from bot.generation.client import (
     GenerationRequest,
     GenerationResult,
     TextDelta,
-    make_generation_client,
 )
+from bot.runtime.backends import make_generation_client
 from bot.generation.openai_client import OpenAIGenerationClient, rough_token_count
 from bot.core.types import ChatMessage, GenerationSettings, JobStatus
 from tests.support import jobs_of, make_settings

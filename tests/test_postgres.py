@@ -196,7 +196,7 @@ BOT_PROCESS = """
 import asyncio, json, sys
 from adapters.fake import FakeAdapter
 from bot.runtime.app import ParleyApp
-from bot.generation.client import make_generation_client
+from bot.runtime.backends import make_generation_client
 from tests.support import make_settings
 from pathlib import Path
 

@@ -15,7 +15,7 @@ import pytest
 from adapters.telegram import MENU, TEXT_ONLY, TelegramAdapter
 from bot.runtime.app import ParleyApp
 from bot.core.errors import AdapterError, ConfigError
-from bot.generation.client import make_generation_client
+from bot.runtime.backends import make_generation_client
 from bot.core.types import ConversationKey
 from tests.fakes.telegram_api import FakeTelegramAPI
 from tests.support import jobs_of, make_settings

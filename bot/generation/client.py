@@ -20,7 +20,6 @@ __all__ = [
     "ModelInfo",
     "WorkerHealth",
     "GenerationClient",
-    "make_generation_client",
 ]
 
 
@@ -113,19 +112,3 @@ class GenerationClient(abc.ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def make_generation_client(settings, *, in_process: bool = False) -> GenerationClient:  # noqa: ANN001
-    """By `[model] backend`: an OpenAI-compatible server, or the worker process (in this process
-    for tests)."""
-    if settings.model.backend == "openai":
-        from bot.generation.openai_client import OpenAIGenerationClient
-
-        return OpenAIGenerationClient(settings)
-    if in_process:
-        from bot.generation.inprocess_client import InProcessGenerationClient
-
-        return InProcessGenerationClient(settings)
-    from bot.generation.subprocess_client import SubprocessGenerationClient
-
-    return SubprocessGenerationClient(settings)

@@ -97,7 +97,8 @@ def _log_unexpected(loop: asyncio.AbstractEventLoop, context: dict) -> None:
 async def _serve(settings: Settings, *, console_conversation: str | None, console_only: bool) -> None:
     from adapters.console import ConsoleAdapter
 
-    from bot.runtime.app import ParleyApp, enabled_adapters
+    from bot.runtime.app import ParleyApp
+    from bot.runtime.platforms import enabled_adapters
 
     asyncio.get_running_loop().set_exception_handler(_log_unexpected)
     if console_conversation:

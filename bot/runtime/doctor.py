@@ -41,7 +41,8 @@ async def _model(settings: Settings) -> str:
     if settings.model.model != EMBEDDED_MODEL and settings.model.model.startswith((".", "/")):
         if not Path(settings.model.model).is_dir():
             raise ParleyError(f"[model] model = {settings.model.model!r} is not a folder")
-    from bot.generation.client import GenerationRequest, make_generation_client
+    from bot.generation.client import GenerationRequest
+    from bot.runtime.backends import make_generation_client
     from bot.core.types import ChatMessage, GenerationSettings
 
     started = time.monotonic()
