@@ -13,18 +13,19 @@ this module's edge.
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import discord
 from discord import app_commands
 
+from bot.conversation import COMMANDS, Access, Argument, Command, messages
 from bot.core.contracts import Outcome
-from bot.conversation.commands import COMMANDS, HELP
 from bot.core.errors import AdapterError
-from bot.core.types import Author, ConversationKey, IncomingMessage, SETTING_RANGES
+from bot.core.types import Author, ConversationKey, IncomingMessage
 
 from .base import Adapter, Core, EditingReplyStream, EditThrottle, ReplyStream, split_markdown
 
@@ -36,10 +37,58 @@ __all__ = ["DiscordAdapter"]
 log = logging.getLogger("parley.discord")
 
 MAX_LENGTH = 2000
-TEXT_ONLY = "I can only read text messages for now."
+TEXT_ONLY = messages.TEXT_ONLY
 NO_PINGS = discord.AllowedMentions.none()
 ANSWER_WITHIN = 2.0  # Discord wants an interaction answered within 3 s; past this, defer first
-PRIVATE_ANSWERS = {"help", "status", "forget"}
+ADMIN_PERMISSIONS = discord.Permissions(manage_guild=True)
+"""Commands for admins are hidden from others by default (server settings can change that)."""
+
+
+def _option_annotation(argument: Argument) -> Any:
+    """The annotation discord.py reads an option's type, range and requiredness from."""
+    kind: Any = argument.type
+    if argument.minimum is not None or argument.maximum is not None:
+        bound = int if kind is int else float
+        low = None if argument.minimum is None else bound(argument.minimum)
+        high = None if argument.maximum is None else bound(argument.maximum)
+        kind = app_commands.Range[kind, low, high]
+    return kind if argument.required else Optional[kind]
+
+
+def _slash_callback(adapter: "DiscordAdapter", command: Command, variant: Optional[str], arguments: Sequence[Argument]):  # noqa: ANN202
+    """A callback whose signature declares `arguments` as options; it runs the command's text form."""
+
+    async def callback(interaction: discord.Interaction, **values: Any) -> None:
+        await adapter._run_command(interaction, command.text_for(variant, values))
+
+    interaction = inspect.Parameter("interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction)
+    options = [
+        inspect.Parameter(
+            a.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=_option_annotation(a),
+            default=inspect.Parameter.empty if a.required else None,
+        )
+        for a in arguments
+    ]
+    callback.__signature__ = inspect.Signature([interaction, *options])  # type: ignore[attr-defined]
+    callback.__discord_app_commands_param_description__ = {a.name: a.description for a in arguments}  # type: ignore[attr-defined]
+    return callback
+
+
+def _slash_command(adapter: "DiscordAdapter", command: Command) -> "app_commands.Command | app_commands.Group":
+    """One declaration → a slash command, or a group of sub-commands for a command with variants."""
+    admin_only = ADMIN_PERMISSIONS if command.access is not Access.EVERYONE else None
+    if command.variants:
+        group = app_commands.Group(name=command.name, description=command.short_description, default_permissions=admin_only)
+        for variant in command.variants:
+            callback = _slash_callback(adapter, command, variant.name, variant.arguments)
+            group.add_command(app_commands.Command(name=variant.name, description=variant.description, callback=callback))
+        return group
+    callback = _slash_callback(adapter, command, None, command.arguments)
+    slash = app_commands.Command(name=command.name, description=command.short_description, callback=callback)
+    slash.default_permissions = admin_only
+    return slash
 
 
 class _DiscordStream(EditingReplyStream):
@@ -300,70 +349,10 @@ class DiscordAdapter(Adapter):
     # -- slash commands --------------------------------------------------------------------------
 
     def _register_commands(self, tree: app_commands.CommandTree) -> None:
-        adapter = self
-        admin_only = discord.Permissions(manage_guild=True)
-
-        @tree.command(name="help", description=HELP["help"].split(": ", 1)[1])
-        async def help_(interaction: discord.Interaction) -> None:
-            await adapter._run_command(interaction, "/help")
-
-        @tree.command(name="status", description=HELP["status"].split(": ", 1)[1][:100])
-        async def status(interaction: discord.Interaction) -> None:
-            await adapter._run_command(interaction, "/status")
-
-        @tree.command(name="forget", description="Delete your own messages (and the replies to them) from this conversation")
-        async def forget(interaction: discord.Interaction) -> None:
-            await adapter._run_command(interaction, "/forget")
-
-        @tree.command(name="reset", description="Forget this channel's history (optionally set a new system prompt)")
-        @app_commands.describe(system_prompt="A new system prompt for this channel")
-        @app_commands.default_permissions(manage_guild=True)
-        async def reset(interaction: discord.Interaction, system_prompt: Optional[str] = None) -> None:
-            await adapter._run_command(interaction, f"/reset {system_prompt or ''}")
-
-        system = app_commands.Group(
-            name="system", description="Show or change this channel's system prompt", default_permissions=admin_only
-        )
-
-        @system.command(name="show", description="Show the system prompt")
-        async def system_show(interaction: discord.Interaction) -> None:
-            await adapter._run_command(interaction, "/system")
-
-        @system.command(name="set", description="Set the system prompt")
-        @app_commands.describe(text="The new system prompt")
-        async def system_set(interaction: discord.Interaction, text: str) -> None:
-            await adapter._run_command(interaction, f"/system {text}")
-
-        @system.command(name="clear", description="Remove the system prompt")
-        async def system_clear(interaction: discord.Interaction) -> None:
-            await adapter._run_command(interaction, "/system clear")
-
-        @system.command(name="default", description="Go back to the configured system prompt")
-        async def system_default(interaction: discord.Interaction) -> None:
-            await adapter._run_command(interaction, "/system default")
-
-        tree.add_command(system)
-        low_t, high_t = SETTING_RANGES["temperature"][1:]
-        low_p, high_p = SETTING_RANGES["top_p"][1:]
-        low_n, high_n = SETTING_RANGES["max_new_tokens"][1:]
-
-        @tree.command(name="set", description="Change this channel's generation settings")
-        @app_commands.describe(
-            temperature=f"{low_t:g} to {high_t:g}; 0 is greedy",
-            top_p=f"{low_p:g} to {high_p:g}",
-            max_new_tokens=f"{low_n:g} to {high_n:g}",
-        )
-        @app_commands.default_permissions(manage_guild=True)
-        async def set_(
-            interaction: discord.Interaction,
-            temperature: Optional[app_commands.Range[float, low_t, high_t]] = None,
-            top_p: Optional[app_commands.Range[float, low_p, high_p]] = None,
-            max_new_tokens: Optional[app_commands.Range[int, int(low_n), int(high_n)]] = None,
-        ) -> None:
-            values = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
-            await adapter._run_command(interaction, "/set " + " ".join(f"{k}={v}" for k, v in values.items() if v is not None))
-
-        assert {c.name for c in tree.get_commands()} == set(COMMANDS)
+        """The slash tree, generated from the core's command declarations (`bot.conversation.COMMANDS`)."""
+        for command in COMMANDS:
+            tree.add_command(_slash_command(self, command))
+        assert {c.name for c in tree.get_commands()} == set(COMMANDS.names())
 
     async def _sync_commands(self, tree: app_commands.CommandTree) -> None:
         try:
@@ -383,7 +372,6 @@ class DiscordAdapter(Adapter):
         """Run a slash command through the core; answer at once, or defer if that takes long."""
         assert self.core is not None
         direct = interaction.guild_id is None
-        name = text.split()[0].lstrip("/")
         incoming = IncomingMessage(
             conversation=self._conversation(interaction.channel_id),
             message_id=f"interaction-{interaction.id}",
@@ -403,7 +391,7 @@ class DiscordAdapter(Adapter):
             await interaction.response.defer(ephemeral=True, thinking=True)
         result = await task
         reply = result.reply or "Done."
-        private = name in PRIVATE_ANSWERS or result.private or result.outcome is Outcome.ERROR
+        private = result.private or result.outcome is Outcome.ERROR
         chunks = split_markdown(reply, MAX_LENGTH)
         if deferred:
             for chunk in chunks:

@@ -30,8 +30,8 @@ from telegram.constants import ChatAction, ChatMemberStatus, ChatType, MessageEn
 from telegram.error import BadRequest, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError  # noqa: E402
 from telegram.ext import AIORateLimiter, Application, ContextTypes, TypeHandler  # noqa: E402
 
+from bot.conversation import COMMANDS, messages, parse_command  # noqa: E402
 from bot.core.contracts import Outcome  # noqa: E402
-from bot.conversation.commands import COMMANDS, HELP, parse_command  # noqa: E402
 from bot.core.errors import AdapterError  # noqa: E402
 from bot.core.types import Author, ConversationKey, IncomingMessage  # noqa: E402
 
@@ -48,10 +48,12 @@ __all__ = ["TelegramAdapter"]
 log = logging.getLogger("parley.telegram")
 
 MAX_LENGTH = 4096
-TEXT_ONLY = "I can only read text messages for now."
+TEXT_ONLY = messages.TEXT_ONLY
 TYPING_EVERY = 4.5  # Telegram shows "typing…" for about 5 seconds per action
+TELEGRAM_ONLY = {"start", "ask"}
+"""Telegram's own commands: /start (every bot has one) and /ask (groups, where plain messages are context)."""
 MENU = [("start", "Say hello and list the commands"), ("ask", "Ask the bot in a group: /ask your question")]
-MENU += [(name, HELP[name].split(": ", 1)[1][:256]) for name in COMMANDS]
+MENU += [(command.name, command.help[:256]) for command in COMMANDS]
 SEND_ATTEMPTS = 5
 POLL_TIMEOUT = 25  # seconds a getUpdates long poll may wait for news
 
@@ -313,7 +315,7 @@ class TelegramAdapter(Adapter):
             return  # a command for another bot
         if command is not None:
             explicit = text.split(maxsplit=1)[0].lower().endswith("@" + self.username.lower())
-            if not private and command.name not in COMMANDS and command.name not in ("start", "ask") and not explicit:
+            if not private and command.name not in COMMANDS and command.name not in TELEGRAM_ONLY and not explicit:
                 return  # some other bot's command, sent to the whole group
             if command.name == "start":
                 await self._send_notice(chat.id, thread_id, self._welcome(), message.message_id)
@@ -360,7 +362,7 @@ class TelegramAdapter(Adapter):
     def _welcome(self) -> str:
         return (
             f"Hi, I'm {self.bot_name}. In a private chat I answer every message; in a group, mention me "
-            f"(@{self.username}), reply to one of my messages, or use /ask.\n" + "\n".join(HELP[name] for name in COMMANDS)
+            f"(@{self.username}), reply to one of my messages, or use /ask.\n" + "\n".join(COMMANDS.help_lines())
         )
 
     def _strip_mention(self, message: Message, text: str) -> str | None:

@@ -24,21 +24,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from adapters.fake import FakeAdapter  # noqa: E402
-from bot.core.contracts import Outcome  # noqa: E402
+from bot.core.contracts import Outcome, QueueLimit, RefusalKind, RouteResult  # noqa: E402
 from bot.runtime.app import ParleyApp  # noqa: E402
 from bot.core.config import parse_settings  # noqa: E402
 
 
-def refusal_reason(reply: str) -> str:
-    for needle, reason in (
-        ("you already have", "per-user pending limit"),
-        ("from this conversation", "per-conversation pending limit"),
-        ("requests are already waiting", "global queue bound"),
-        ("faster than I can answer", "per-user message rate"),
-    ):
-        if needle in reply:
-            return reason
-    return reply[:80]
+QUEUE_LIMITS = {
+    QueueLimit.USER: "per-user pending limit",
+    QueueLimit.CONVERSATION: "per-conversation pending limit",
+    QueueLimit.TOTAL: "global queue bound",
+}
+
+
+def refusal_reason(result: RouteResult) -> str:
+    """Why a message was not queued, from the result's values (never from its wording)."""
+    refusal = result.refusal
+    if refusal is None:
+        return result.outcome.value  # a duplicate, an error
+    if refusal.kind is RefusalKind.QUEUE_FULL and refusal.limit is not None:
+        return QUEUE_LIMITS[refusal.limit]
+    if refusal.kind is RefusalKind.RATE_LIMITED:
+        return "per-user message rate"
+    return refusal.kind.value
 
 
 class MemoryWatch:
@@ -110,7 +117,7 @@ async def soak(messages: int, conversations: int, users: int, seed: int) -> dict
                 if result.outcome is Outcome.QUEUED:
                     accepted.append((chat, message_id))
                 else:
-                    refused[refusal_reason(result.reply or result.action)] += 1
+                    refused[refusal_reason(result)] += 1
             await asyncio.sleep(rng.uniform(0.0, 0.5))
         await app.queue.run_until_empty(timeout=1800)
         watcher.cancel()

@@ -7,8 +7,8 @@ Parley is driven through its real path: `FakeAdapter.say` → router → storage
 SQLite file per scenario) → GenerationQueue → SubprocessGenerationClient → the worker process.
 N conversations (1, 4, 16, 32) each ask one question, arriving all at once ("burst") or one every
 `STAGGER_S` seconds ("staggered"), and every reply is exactly `NEW_TOKENS` tokens long: the
-benchmark sets `PARLEY_BENCH_IGNORE_EOS=1` for the worker, which then stops at max_new_tokens only
-(an environment variable of the worker, for benchmarks; not a config key users can set).
+benchmark's client is built with `SubprocessGenerationClient(..., ignore_eos=True)`, so its workers
+stop at max_new_tokens only (a constructor option for benchmarks; not a config key users can set).
 
 In the same run and on the same prompts (the chats Parley stored for its jobs), two baselines:
 the seed's `transformers.pipeline("text-generation")` called for one message after another (as
@@ -159,10 +159,11 @@ class TimedAdapter(FakeAdapter):
 
 
 class CountingClient(SubprocessGenerationClient):
-    """The production client, keeping each job's GenerationResult (the token counts)."""
+    """The production client, keeping each job's GenerationResult (the token counts); its workers
+    ignore end-of-turn tokens."""
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+        super().__init__(settings, ignore_eos=True)  # every reply exactly NEW_TOKENS long
         self.results: dict[int, GenerationResult] = {}
 
     async def submit(self, request: GenerationRequest):  # noqa: ANN201
@@ -405,7 +406,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                       f"worker peak RSS {f['peak_rss_mb']} MB", flush=True)
         formats[f"{parley['burst']['1']['dtype']} (default)"] = {str(n): parley["burst"][str(n)] for n in (1, 16)}
 
-    from bot.worker.engine import model_folder
+    from bot.worker import model_folder
 
     print("baselines (one message after another, the same prompts):", flush=True)
     measured = measure_baselines(prompts if not args.quick else prompts[:4], model_folder(ModelSettings()))
@@ -444,7 +445,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 1 and 16 only; baselines on 4 prompts")
     args = parser.parse_args()
-    os.environ["PARLEY_BENCH_IGNORE_EOS"] = "1"  # inherited by the worker processes
     began = time.perf_counter()
     report = asyncio.run(main_async(args))
     report["bench_seconds"] = round(time.perf_counter() - began, 1)

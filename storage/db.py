@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import importlib.util
 import re
 import threading
 from collections.abc import Coroutine
@@ -33,7 +34,12 @@ from alembic.util import CommandError
 from sqlalchemy import event, pool
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from bot.core.errors import StorageError
 
@@ -63,9 +69,11 @@ _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncp
 
 
 def _migrations_folder() -> Path:
-    import migrations
-
-    return Path(migrations.__file__).resolve().parent
+    # Located, not imported: the scripts there import storage (env.py), and Alembic loads them.
+    spec = importlib.util.find_spec("migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise StorageError("the migrations package is not installed beside storage")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def mask_url(url: str | URL) -> str:

@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from bot.core.types import ConversationKey, GenerationSettings, JobStatus, Role
+from bot.core.types import ConversationKey, JobStatus, Role
 
 __all__ = [
     "Base",
@@ -109,8 +109,8 @@ class Base(DeclarativeBase):
 class Conversation(Base):
     """One chat: a Discord channel or DM, a Telegram chat (or topic), the terminal.
 
-    `None` in `system_prompt` and the generation columns means "use the configured default";
-    `generation(defaults)` merges them.
+    `None` in `system_prompt` and the generation columns means "use the configured default", and
+    "" in `system_prompt` means no system prompt at all (`bot.conversation.history`).
     """
 
     __tablename__ = "conversations"
@@ -130,14 +130,6 @@ class Conversation(Base):
     @property
     def conversation_key(self) -> ConversationKey:
         return ConversationKey(self.platform, self.key)
-
-    def generation(self, defaults: GenerationSettings) -> GenerationSettings:
-        """This conversation's sampling settings: its own values over the configured `defaults`."""
-        return GenerationSettings(
-            temperature=defaults.temperature if self.temperature is None else self.temperature,
-            top_p=defaults.top_p if self.top_p is None else self.top_p,
-            max_new_tokens=defaults.max_new_tokens if self.max_new_tokens is None else self.max_new_tokens,
-        )
 
     def __repr__(self) -> str:
         return f"Conversation(id={self.id!r}, platform={self.platform!r}, key={self.key!r})"
@@ -205,10 +197,6 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     owner: Mapped[str | None] = mapped_column(String(255), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
-
-    @property
-    def is_pending(self) -> bool:
-        return self.status in PENDING_STATUSES
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, conversation_id={self.conversation_id!r}, status={self.status!s})"

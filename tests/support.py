@@ -31,3 +31,14 @@ async def jobs_of(app, conversation_id: int) -> list:  # noqa: ANN001
 
     async with app.database.sessions() as session:
         return list((await session.scalars(select(Job).where(Job.conversation_id == conversation_id).order_by(Job.id))).all())
+
+
+async def running_jobs(repo) -> list:  # noqa: ANN001
+    """Every running job in the repository's database, oldest first (any owner)."""
+    from sqlalchemy import select
+
+    from bot.core.types import JobStatus
+    from storage import Job
+
+    async with repo._sessions() as session:
+        return list((await session.scalars(select(Job).where(Job.status == JobStatus.RUNNING).order_by(Job.id))).all())

@@ -11,51 +11,22 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.generation import protocol
 from bot.core.config import WorkerSettings
 from bot.core.types import ChatMessage, GenerationSettings
-from bot.worker.engine import Engine, LoadedModel, load_model
-from tests.tiny_model import tiny_settings
-
-
-@dataclass
-class Reference:
-    tokenizer: Any
-    model: Any
-
-    def prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
-        return list(
-            self.tokenizer.apply_chat_template(
-                [m.to_dict() for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-
-    def greedy(self, messages: list[ChatMessage], max_new_tokens: int) -> str:
-        ids = torch.tensor([self.prompt_ids(messages)])
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+from bot.worker import Engine, LoadedModel, load_model
+from tests.tiny_model import Reference, load_reference, tiny_settings
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path) -> Reference:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    return Reference(tokenizer, model)
+    return load_reference(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +136,8 @@ def test_jobs_joining_mid_batch_give_the_same_greedy_text_as_alone(run_engine, r
     results = recorder.wait_done(*jobs)
 
     for job_id, (messages, max_new_tokens) in jobs.items():
-        assert results[job_id].finish_reason == "length"
-        assert results[job_id].completion_tokens == max_new_tokens
+        assert results[job_id].result.finish_reason == "length"
+        assert results[job_id].result.completion_tokens == max_new_tokens
         assert recorder.text(job_id) == reference.greedy(messages, max_new_tokens), job_id
     first = recorder.started(1)
     assert first is not None and first.batch_size == 1
@@ -194,16 +165,16 @@ def test_cancel_frees_the_slot_for_a_waiting_job(run_engine, reference: Referenc
     engine.cancel(1)
     done = recorder.wait_done(3)[3]
     cancelled = recorder.done(1)
-    assert cancelled is not None and cancelled.finish_reason == "cancelled"
-    assert 1 <= cancelled.completion_tokens < 1500
+    assert cancelled is not None and cancelled.result.finish_reason == "cancelled"
+    assert 1 <= cancelled.result.completion_tokens < 1500
     assert recorder.done(2) is None, "the other long job keeps running"
     third = recorder.started(3)
     assert third is not None and third.batch == recorder.started(2).batch and third.batch_size == 2
     assert recorder.index(lambda m: m is cancelled) < recorder.index(lambda m: m is third)
-    assert done.completion_tokens == 8 and recorder.text(3) == reference.greedy(waiting, 8)
+    assert done.result.completion_tokens == 8 and recorder.text(3) == reference.greedy(waiting, 8)
 
     engine.cancel(2)
-    assert recorder.wait_done(2)[2].finish_reason == "cancelled"
+    assert recorder.wait_done(2)[2].result.finish_reason == "cancelled"
     assert engine.pending == 0
 
 
@@ -239,7 +210,7 @@ def test_each_job_keeps_its_own_settings_in_one_batch(run_engine, reference: Ref
     engine.submit(0, tuple(chat("warm the batch")), greedy(30))
     results = recorder.wait_done(0, *jobs)
 
-    assert {job_id: results[job_id].completion_tokens for job_id in jobs} == {
+    assert {job_id: results[job_id].result.completion_tokens for job_id in jobs} == {
         job_id: settings.max_new_tokens for job_id, settings in jobs.items()
     }
     assert len({recorder.started(job_id).batch for job_id in (0, *jobs)}) == 1
@@ -280,7 +251,7 @@ def test_the_memory_bound_holds_a_job_until_there_is_room(run_engine, loaded: Lo
     engine.submit(1, tuple(prompt), greedy(20))
     engine.submit(2, tuple(chat("Another one.")), greedy(20))
     results = recorder.wait_done(1, 2)
-    assert results[1].completion_tokens == results[2].completion_tokens == 20
+    assert results[1].result.completion_tokens == results[2].result.completion_tokens == 20
     second = recorder.started(2)
     assert recorder.index(lambda m: m is results[1]) < recorder.index(lambda m: m is second)
     assert engine.stats.held_for_memory >= 1

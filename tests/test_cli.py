@@ -146,7 +146,7 @@ def test_chat_with_the_embedded_model(tmp_path):
 def test_log_lines_never_show_a_token_from_the_environment(tmp_path, monkeypatch):
     import logging
 
-    from bot.runtime.cli import _setup_logging
+    from bot.runtime.logs import setup_logging as _setup_logging
     from bot.core.config import parse_settings
 
     token = "123456:AAF-secret-token-value"

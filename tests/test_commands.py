@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.conversation.commands import ParsedCommand, parse_command, parse_settings_args
+from bot.conversation import ParsedCommand, parse_command, parse_settings_args
 
 
 @pytest.mark.parametrize(

@@ -240,7 +240,7 @@ async def test_worker_killed_during_a_reply_restarts_and_still_answers(tiny_mode
         killed = await _kill_worker_after_first_text(fake, app)
         assert await app.router.wait_for(result.job_id) == "done"
         job = await app.repo.get_job(result.job_id)
-        assert job.attempts == 1 and "worker died" in job.error
+        assert job.attempts == 1 and "backend down" in job.error
         health = await app.client.health()
         assert health.alive and health.restarts == 1 and health.pid != killed
         [reply] = fake.replies
@@ -307,6 +307,21 @@ async def test_bad_input_gets_clear_answers_and_nothing_reaches_the_model(tiny_m
         assert job.prompt[-1]["content"] == "hello \ufffd there\nbye"
         conversation = await app.repo.get_conversation(job.conversation_id)
         assert conversation.system_prompt is None  # nothing above changed it
+
+
+async def test_model_shows_the_model_and_this_conversations_settings(bot):
+    fake, app = bot
+    await fake.say("/set temperature=0.9", direct=True, chat="dm")
+    result = await fake.say("/model", direct=True, chat="dm")
+    info = app.client.model_info
+    assert result.outcome is Outcome.COMMAND and result.private
+    assert result.reply.splitlines() == [
+        f"Model: {info.name}",
+        "Quantization: none; dtype: float32; device: cpu",
+        f"Context window: {info.context_window} tokens",
+        "Settings here: temperature=0.9, top_p=0.9, max_new_tokens=6",
+    ]
+    assert "/model: the model, how it runs" in (await fake.say("/help")).reply
 
 
 async def test_forget_removes_only_the_authors_messages_and_replies(bot):

@@ -104,7 +104,7 @@ async def test_a_mention_is_answered_through_the_worker_process(fake, world, tin
     app = await start_app(settings, in_process=False)
     try:
         synced = {c["name"] for c in fake.synced_commands[int(world.guild["id"])]}
-        assert synced == {"help", "reset", "system", "set", "status", "forget"}
+        assert synced == {"help", "reset", "system", "set", "status", "model", "forget"}
         admin_only = {c["name"]: c.get("default_member_permissions") for c in fake.synced_commands[int(world.guild["id"])]}
         assert admin_only["reset"] == admin_only["system"] == admin_only["set"] == str(int(Permission.MANAGE_GUILD))
         assert admin_only["help"] is None and admin_only["status"] is None
@@ -294,7 +294,7 @@ async def test_parley_run_connects_and_stops_on_sigterm(fake, world, tiny_model_
         f"discord.http.Route.BASE = {fake.api_base!r}\n"
         f"discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL({fake.gateway_url!r})\n"
         "import bot.runtime.cli\n"
-        "sys.exit(bot.cli.main(sys.argv[1:]))\n"
+        "sys.exit(bot.runtime.cli.main(sys.argv[1:]))\n"
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", launcher, "-v", "-c", str(config), "run",  # DEBUG: the most there is to leak

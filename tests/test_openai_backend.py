@@ -19,7 +19,7 @@ import pytest
 from adapters.fake import FakeAdapter
 from bot.core.contracts import Outcome
 from bot.runtime.app import ParleyApp
-from bot.core.errors import WorkerStartError
+from bot.core.errors import BackendStartError
 from bot.generation.client import (
     GenerationRequest,
     GenerationResult,
@@ -114,10 +114,10 @@ async def test_unreachable_server_at_start_names_the_base_url_setting(tiny_model
     settings = openai_settings(tiny_model_dir, tmp_path, f"http://127.0.0.1:{_free_port()}/v1")
     client = make_generation_client(settings)
     assert isinstance(client, OpenAIGenerationClient)
-    with pytest.raises(WorkerStartError, match=r"\[openai\] base_url"):
+    with pytest.raises(BackendStartError, match=r"\[openai\] base_url"):
         await client.start()
     # And the whole app refuses to start the same way, closing what it opened.
-    with pytest.raises(WorkerStartError, match=r"\[openai\] base_url"):
+    with pytest.raises(BackendStartError, match=r"\[openai\] base_url"):
         async with ParleyApp(settings, [FakeAdapter()]):
             pass
 
@@ -136,20 +136,20 @@ def test_rough_counter_trims_the_oldest_turns_to_the_server_context():
     from bot.generation.client import ModelInfo
 
     client = OpenAIGenerationClient(Settings())
-    client._info = ModelInfo("m", "n/a (server)", "remote", "n/a", context_window=100, max_batch=1)
+    client._info = ModelInfo("m", "", "", "", context_window=100, max_batch=1, served_by="http://server/v1")
     chat = (ChatMessage("system", "sys"),) + tuple(ChatMessage("user" if i % 2 == 0 else "assistant", "x" * 80) for i in range(9))
     kept, dropped = client._fit(GenerationRequest(1, chat, GenerationSettings(max_new_tokens=20)))
     assert dropped > 0 and kept[0].role == "system" and kept[-1] == chat[-1]
     assert rough_token_count(kept) <= 80
-    client._info = ModelInfo("m", "n/a (server)", "remote", "n/a", context_window=0, max_batch=1)
+    client._info = ModelInfo("m", "", "", "", context_window=0, max_batch=1, served_by="http://server/v1")
     assert client._fit(GenerationRequest(1, chat, GenerationSettings(max_new_tokens=20))) == (chat, 0)
 
 
 @pytest.mark.parametrize(
     ("status", "expected"),
-    [(400, "JobFailed"), (404, "JobFailed"), (429, "WorkerDead"), (408, "WorkerDead"), (503, "WorkerDead")],
+    [(400, "JobFailed"), (404, "JobFailed"), (429, "BackendDown"), (408, "BackendDown"), (503, "BackendDown")],
 )
-async def test_http_errors_map_to_job_failed_or_worker_dead(tiny_model_dir, tmp_path, status, expected):
+async def test_http_errors_map_to_job_failed_or_backend_down(tiny_model_dir, tmp_path, status, expected):
     """transformers serve answers malformed requests with a bare 500, so a small aiohttp server
     on 127.0.0.1 stands in for the error statuses other servers (vLLM, OpenAI) send."""
     from aiohttp import web
@@ -192,7 +192,7 @@ async def test_client_streams_from_the_server_and_reports_the_model(server, tiny
     async with OpenAIGenerationClient(settings) as client:
         info = client.model_info
         assert info.name == str(tiny_model_dir)  # the first (only) model the server lists
-        assert (info.device, info.quantization, info.max_batch) == ("remote", "n/a (server)", 3)
+        assert (info.served_by, info.quantization, info.device, info.max_batch) == (server.base_url, "", "", 3)
         items = [
             item
             async for item in client.submit(
@@ -221,7 +221,7 @@ async def test_a_streamed_reply_through_the_queue_is_stored(server, tiny_model_d
         history = await app.repo.history(conversation.id)
         assert [(m.role, m.text) for m in history] == [("user", "Hello there"), ("assistant", reply.text)]
         status = await fake.say("/status", direct=True, chat="dm")
-        assert str(tiny_model_dir) in status.reply and "remote" in status.reply
+        assert str(tiny_model_dir) in status.reply and f"served by {server.base_url}" in status.reply
 
 
 @pytest.mark.slow
@@ -270,7 +270,7 @@ async def test_server_killed_mid_stream_fails_the_job_clearly_and_the_bot_lives_
             assert reply.failed and "2 times" in reply.failed
             conversation = await app.repo.get_or_create_conversation(reply.conversation, is_direct=True)
             [job] = await jobs_of(app, conversation.id)
-            assert job.attempts == 2 and "worker died" in (job.error or "")
+            assert job.attempts == 2 and "backend down" in (job.error or "")
             # The bot still answers commands, and says the server is down.
             health = await app.client.health()
             assert not health.alive and "ping failed" in health.extra["last_error"]
@@ -284,7 +284,7 @@ async def test_server_killed_mid_stream_fails_the_job_clearly_and_the_bot_lives_
 async def test_the_embedded_model_through_transformers_serve(tiny_model_dir, tmp_path):
     """The issue's setting: `transformers serve` with the embedded SmolLM2 (its GGUF converted once)."""
     from bot.core.config import ModelSettings
-    from bot.worker.engine import model_folder
+    from bot.worker import model_folder
 
     folder = Path(model_folder(ModelSettings()))
     server = Server(folder, tmp_path / "serve.log")

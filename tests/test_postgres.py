@@ -23,6 +23,7 @@ from bot.core.types import ConversationKey, JobStatus
 from storage import Database, Job, Repository, alembic_config, default_owner, head_revision, upgrade_database
 from storage.models import utcnow
 from tests.pg_server import postgres_server, postgres_url  # noqa: F401  (fixtures)
+from tests.support import running_jobs
 
 JOBS = 50
 BIG = {"max_pending": 1000, "max_pending_per_conversation": 1000}
@@ -82,39 +83,6 @@ async def test_two_processes_marking_running_never_run_a_job_twice(two_processes
         assert job.owner == ("process-a" if job_id in won_a else "process-b") and job.heartbeat_at is not None
 
 
-async def test_two_processes_claiming_in_batches_split_the_queue(two_processes: Any) -> None:
-    (_, a), (_, b) = two_processes
-    ids = await queue_jobs(a, JOBS)
-
-    async def claimer(repo: Repository) -> list[int]:
-        won: list[int] = []
-        while True:
-            claimed = await repo.claim_next(3)
-            if not claimed:
-                return won
-            assert all(job.status is JobStatus.RUNNING and job.owner == repo.owner for job in claimed)
-            won += [job.id for job in claimed]
-            await asyncio.sleep(0)
-
-    won_a, won_b = await asyncio.gather(claimer(a), claimer(b))
-    claims = Counter(won_a + won_b)
-    assert sorted(claims) == ids and set(claims.values()) == {1}
-    assert await a.queued_jobs() == []
-
-
-async def test_claim_next_honours_the_callers_choice(two_processes: Any) -> None:
-    (_, a), _ = two_processes
-    ids = await queue_jobs(a, 6, conversations=3)
-    chosen = [ids[4], ids[1], ids[5]]
-    claimed = await a.claim_next(2, among=chosen)
-    assert [job.id for job in claimed] == chosen[:2]
-    # Job i is in conversation i % 3; claimed[0] (ids[4]) is in conversation 1, as is ids[1].
-    rest = await a.claim_next(5, exclude_conversation_ids={claimed[0].conversation_id})
-    assert [job.id for job in rest] == [ids[0], ids[2], ids[3], ids[5]]
-    assert await a.set_prompt(claimed[0].id, [{"role": "user", "content": "x"}])
-    assert (await a.get_job(claimed[0].id)).prompt == [{"role": "user", "content": "x"}]  # type: ignore[union-attr]
-    assert await a.mark_running(claimed[0].id, []) is False  # already running
-    assert await a.claim_next(0) == [] and await a.claim_next(3, among=[]) == []
 
 
 async def test_requeue_interrupted_leaves_a_live_owners_jobs_alone(two_processes: Any) -> None:
@@ -129,8 +97,8 @@ async def test_requeue_interrupted_leaves_a_live_owners_jobs_alone(two_processes
     assert await b.heartbeat() == 3
     assert await a.requeue_interrupted() == 3
     assert [j.id for j in await a.queued_jobs()] == ids[:3]
-    assert [j.id for j in await a.running_jobs()] == ids[3:]
-    assert all(j.owner == "process-b" for j in await a.running_jobs())
+    assert [j.id for j in await running_jobs(a)] == ids[3:]
+    assert all(j.owner == "process-b" for j in await running_jobs(a))
     assert all(j.owner is None and j.heartbeat_at is None for j in await a.queued_jobs())
 
     # b stops heartbeating (hung or on a machine that went away): past stale_after, a takes over.
@@ -140,9 +108,9 @@ async def test_requeue_interrupted_leaves_a_live_owners_jobs_alone(two_processes
     assert await b.mark_running(ids[0], [])  # b's own, fresh
     assert await b.requeue_interrupted(stale_after=60, own_jobs=False) == 0  # b's periodic sweep: not its own
     assert await a.requeue_interrupted(stale_after=60, own_jobs=False) == 3  # a's sweep takes b's stale ones
-    assert [j.id for j in await a.running_jobs()] == [ids[0]]
+    assert [j.id for j in await running_jobs(a)] == [ids[0]]
     assert await a.requeue_interrupted("process-b") == 1
-    assert await a.running_jobs() == []
+    assert await running_jobs(a) == []
 
 
 async def test_requeue_interrupted_takes_a_dead_local_process_jobs(two_processes: Any) -> None:
@@ -165,10 +133,10 @@ async def test_heartbeat_touches_only_the_owners_running_jobs(two_processes: Any
     (_, a), (_, b) = two_processes
     ids = await queue_jobs(a, 3)
     assert await a.mark_running(ids[0], []) and await b.mark_running(ids[1], [])
-    before = {job.id: job.heartbeat_at for job in await a.running_jobs()}
+    before = {job.id: job.heartbeat_at for job in await running_jobs(a)}
     await asyncio.sleep(0.05)
     assert await a.heartbeat() == 1
-    after = {job.id: job.heartbeat_at for job in await a.running_jobs()}
+    after = {job.id: job.heartbeat_at for job in await running_jobs(a)}
     assert after[ids[0]] > before[ids[0]] and after[ids[1]] == before[ids[1]]
     assert await a.heartbeat("process-b") == 1 and await a.heartbeat("nobody") == 0
     assert await a.requeue_job(ids[0], "worker died") == 1  # back in the queue: no owner any more

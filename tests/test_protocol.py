@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from bot.generation import protocol
 from bot.core.config import ModelSettings, WorkerSettings
 from bot.core.errors import GenerationError
-from bot.generation.client import ModelInfo
+from bot.generation.client import GenerationResult, ModelInfo
 from bot.core.types import ChatMessage, GenerationSettings
 
 EXAMPLES = [
@@ -26,11 +26,11 @@ EXAMPLES = [
     protocol.Ping(3),
     protocol.Shutdown(),
     protocol.Progress("loading", "loading the model"),
-    protocol.Ready("tiny", "none", "cpu", "float32", 2048, 4, 1.25),
+    protocol.Ready(ModelInfo("tiny", "none", "cpu", "float32", 2048, 4, 1.25)),
     protocol.Fatal("set [model] model"),
     protocol.Started(7, 31, 2, batch=5, batch_size=3),
     protocol.Deltas({7: "Hi", 8: " 🌍", 12: ""}),
-    protocol.Done(7, "length", 31, 9, 2),
+    protocol.Done(7, GenerationResult("length", 31, 9, 2)),
     protocol.JobError(8, "the message is too long"),
     protocol.Pong(3),
 ]
@@ -58,7 +58,7 @@ def test_deltas_are_keyed_by_int_job_ids() -> None:
 
 def test_ready_carries_model_info() -> None:
     info = ModelInfo("m", "4bit", "cuda", "bfloat16", 8192, 8, 3.5)
-    assert protocol.Ready.from_model_info(info).to_model_info() == info
+    assert protocol.decode(protocol.encode(protocol.Ready(info))).info == info
 
 
 @settings(max_examples=200, deadline=None)

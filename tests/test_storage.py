@@ -20,6 +20,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, inspect, text
 
+from bot.conversation.history import effective_settings
+from bot.core.contracts import QueueLimit
 from bot.core.errors import QueueFull, StorageError
 from bot.core.types import ConversationKey, GenerationSettings, JobStatus, Role
 from storage import (
@@ -35,6 +37,7 @@ from storage import (
 )
 
 from tests.pg_server import postgres_server, postgres_url  # noqa: E402,F401  (fixtures)
+from tests.support import running_jobs  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TABLES = {"conversations", "messages", "jobs", "audit_log"}
@@ -316,10 +319,10 @@ async def test_settings_and_system_prompt(repo: Repository, conversation_id: int
     defaults = GenerationSettings()
     conversation = await repo.get_conversation(conversation_id)
     assert conversation is not None and conversation.system_prompt is None
-    assert conversation.generation(defaults) == defaults
+    assert effective_settings(conversation, defaults) == defaults
 
     updated = await repo.set_generation(conversation_id, temperature=0.7, max_new_tokens=64)
-    assert updated.generation(defaults) == GenerationSettings(temperature=0.7, top_p=defaults.top_p, max_new_tokens=64)
+    assert effective_settings(updated, defaults) == GenerationSettings(temperature=0.7, top_p=defaults.top_p, max_new_tokens=64)
     assert updated.updated_at >= conversation.updated_at
     updated = await repo.set_generation(conversation_id, temperature=None)
     assert updated.temperature is None and updated.max_new_tokens == 64
@@ -373,14 +376,16 @@ async def test_queue_full_keeps_the_message(repo: Repository, conversation_id: i
     limits = {"max_pending": 10, "max_pending_per_conversation": 2}
     await enqueue(repo, conversation_id, "1", **limits)
     await enqueue(repo, conversation_id, "2", **limits)
-    with pytest.raises(QueueFull, match="2 requests from this conversation"):
+    with pytest.raises(QueueFull) as full:
         await enqueue(repo, conversation_id, "3", **limits)
+    assert (full.value.limit, full.value.count, full.value.maximum) == (QueueLimit.CONVERSATION, 2, 2)
     assert [m.platform_message_id for m in await repo.history(conversation_id)] == ["1", "2", "3"]
     assert await repo.pending_count(conversation_id) == 2
 
     other = await repo.get_or_create_conversation(ConversationKey("console", "default"), is_direct=True)
-    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+    with pytest.raises(QueueFull) as full:
         await enqueue(repo, other.id, "x", max_pending=2, max_pending_per_conversation=5)
+    assert (full.value.limit, full.value.count, full.value.maximum) == (QueueLimit.TOTAL, 2, 2)
     assert [m.text for m in await repo.history(other.id)] == ["hello x"]
     # A finished job frees its place.
     (first, *_) = await repo.queued_jobs()
@@ -401,7 +406,7 @@ async def test_job_lifecycle(repo: Repository, conversation_id: int) -> None:
     running = await repo.get_job(job.id)
     assert running is not None and running.status is JobStatus.RUNNING and running.prompt == prompt
     assert running.started_at is not None and running.attempts == 0
-    assert [j.id for j in await repo.running_jobs()] == [job.id] and await repo.queued_jobs() == []
+    assert [j.id for j in await running_jobs(repo)] == [job.id] and await repo.queued_jobs() == []
 
     assert await repo.requeue_job(job.id, "worker died") == 1
     requeued = await repo.get_job(job.id)
@@ -512,7 +517,7 @@ async def test_requeue_interrupted(db_path: Path) -> None:
         assert [j.id for j in queued] == [j.id for j in jobs]
         assert [j.attempts for j in queued] == [0, 1, 0]
         assert all(j.started_at is None for j in queued)
-        assert await repo.running_jobs() == []
+        assert await running_jobs(repo) == []
 
 
 # -- concurrency ----------------------------------------------------------------------------------

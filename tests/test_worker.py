@@ -13,25 +13,23 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.core.config import ModelSettings, Settings, WorkerSettings
 from bot.core.errors import JobFailed, WorkerDead, WorkerStartError
 from bot.generation.client import GenerationClient, GenerationRequest, GenerationResult, TextDelta
-from bot.generation.inprocess_client import InProcessGenerationClient
 from bot.generation.subprocess_client import SubprocessGenerationClient
+from bot.runtime.backends import make_generation_client
 from bot.core.types import ChatMessage, GenerationSettings
-from bot.worker.engine import IncrementalDetokenizer
-from tests.tiny_model import embedded_gguf_folder, tiny_settings
+from bot.worker import IncrementalDetokenizer
+from tests.tiny_model import Reference, embedded_gguf_folder, load_reference, tiny_settings
 
 # The shared worker lives for the whole module, so its tests share the module's event loop.
 module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -39,39 +37,9 @@ module_loop = pytest.mark.asyncio(loop_scope="module")
 job_ids = itertools.count(1)
 
 
-@dataclass
-class Reference:
-    tokenizer: Any
-    model: Any
-
-    def prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
-        return list(
-            self.tokenizer.apply_chat_template(
-                [m.to_dict() for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-
-    def greedy_ids(self, messages: list[ChatMessage], max_new_tokens: int) -> list[int]:
-        ids = torch.tensor([self.prompt_ids(messages)])
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        return out[0, ids.shape[1] :].tolist()
-
-    def greedy(self, messages: list[ChatMessage], max_new_tokens: int) -> str:
-        return self.tokenizer.decode(self.greedy_ids(messages, max_new_tokens), skip_special_tokens=True)
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path) -> Reference:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    return Reference(tokenizer, model)
+    return load_reference(tiny_model_dir)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -400,7 +368,7 @@ async def test_bitsandbytes_quantization_on_cpu(tiny_model_dir: Path, quantizati
 
 @module_loop
 async def test_in_process_client_streams_like_the_worker(tiny_model_dir: Path, reference: Reference) -> None:
-    client = InProcessGenerationClient(tiny_settings(tiny_model_dir))
+    client = make_generation_client(tiny_settings(tiny_model_dir), in_process=True)
     info = await client.start()
     try:
         assert info.name == tiny_model_dir.name

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from bot.core.config import ModelSettings, Settings, WorkerSettings
+from bot.core.types import ChatMessage
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -69,3 +71,48 @@ def write_tiny_model(target: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+
+
+
+@dataclass
+class Reference:
+    """The independent reference the worker is checked against: plain `model.generate()`, greedy,
+    one prompt alone, no padding."""
+
+    tokenizer: Any
+    model: Any
+
+    def prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
+        return list(
+            self.tokenizer.apply_chat_template(
+                [m.to_dict() for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+
+    def greedy_ids(self, messages: list[ChatMessage], max_new_tokens: int) -> list[int]:
+        import torch
+
+        ids = torch.tensor([self.prompt_ids(messages)])
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        return out[0, ids.shape[1] :].tolist()
+
+    def greedy(self, messages: list[ChatMessage], max_new_tokens: int) -> str:
+        return self.tokenizer.decode(self.greedy_ids(messages, max_new_tokens), skip_special_tokens=True)
+
+
+def load_reference(model_dir: Path) -> Reference:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return Reference(tokenizer, model)

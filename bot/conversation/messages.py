@@ -1,12 +1,21 @@
 """Every sentence Parley's core says to people, in one place.
 
-Outcomes travel as values (`bot.core.contracts.Refusal`, job outcomes); this module renders them to
-text. Adapters add only their platform's own words (Telegram's /start, Discord's "Done.").
+Outcomes travel as values (`bot.core.contracts.Refusal`, job outcomes, a command's numbers); this
+module renders them to text. Adapters add only their platform's own words (Telegram's /start and
+/ask, Discord's "Done.", the terminal's /exit). Commands' own help texts live in their declarations
+(`bot.conversation.commands`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 from bot.core.contracts import QueueLimit, Refusal, RefusalKind
+
+if TYPE_CHECKING:
+    from bot.core.types import GenerationSettings
+    from bot.generation.client import BackendHealth
 
 __all__ = [
     "render_refusal",
@@ -14,16 +23,44 @@ __all__ = [
     "STOPPED",
     "UNEXPECTED_ERROR",
     "JOB_CRASHED",
+    "TEXT_ONLY",
     "job_failed",
     "backend_gave_up",
     "could_not_handle",
     "plural",
+    "clip",
+    "unknown_command",
+    "help_text",
+    "history_cleared",
+    "system_prompt_shown",
+    "system_prompt_set",
+    "system_prompt_too_long",
+    "NO_SYSTEM_PROMPT",
+    "SYSTEM_PROMPT_CLEARED",
+    "SYSTEM_PROMPT_DEFAULT",
+    "settings_shown",
+    "settings_now",
+    "nothing_changed",
+    "SettingProblem",
+    "status_report",
+    "model_report",
+    "model_line",
+    "forgot",
+    "NOTHING_TO_FORGET",
 ]
 
 
 def plural(count: int, singular: str, plural_form: str | None = None) -> str:
     """`plural(1, "message")` → "1 message"; `plural(2, "reply", "replies")` → "2 replies"."""
     return f"{count} {singular if count == 1 else (plural_form or singular + 's')}"
+
+
+def clip(text: str, limit: int = 300) -> str:
+    """Text shown back to people (a system prompt) cut to `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- refusals and failures -----------------------------------------------------------------------
 
 
 def render_refusal(refusal: Refusal) -> str:
@@ -62,6 +99,8 @@ UNEXPECTED_ERROR = "Sorry, something went wrong on my side. The error was logged
 JOB_CRASHED = "Sorry, something went wrong while answering. The error was logged."
 EMPTY_REPLY = "(the model gave an empty reply)"
 STOPPED = "[stopped]"
+TEXT_ONLY = "I can only read text messages for now."
+"""Adapters answer it to a direct message that has no text (a picture, a sticker)."""
 
 
 def job_failed(reason: str) -> str:
@@ -75,3 +114,139 @@ def backend_gave_up(attempts: int) -> str:
         "Sorry, the model crashed while answering this message, "
         f"{attempts} times in a row, so I gave up. Try a shorter message, or ask an admin to check the logs."
     )
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+def unknown_command(name: str) -> str:
+    return f"Unknown command /{name}. Try /help."
+
+
+def help_text(bot_name: str, help_lines: list[str]) -> str:
+    return "\n".join([f"{bot_name} answers your messages with a local language model. Commands:", *help_lines])
+
+
+def history_cleared(archived: int, cancelled: int, new_prompt: str | None) -> str:
+    reply = f"History cleared ({plural(archived, 'message')} forgotten"
+    reply += f", {plural(cancelled, 'pending reply', 'pending replies')} cancelled)." if cancelled else ")."
+    if new_prompt:
+        reply += f"\nNew system prompt: {clip(new_prompt)}"
+    return reply
+
+
+NO_SYSTEM_PROMPT = "There is no system prompt."
+SYSTEM_PROMPT_CLEARED = "System prompt cleared: the model gets none."
+SYSTEM_PROMPT_DEFAULT = "System prompt back to the default."
+
+
+def system_prompt_shown(prompt: str, *, is_default: bool) -> str:
+    if not prompt:
+        return NO_SYSTEM_PROMPT
+    return f"System prompt ({'default' if is_default else 'set for this conversation'}): {clip(prompt)}"
+
+
+def system_prompt_set(prompt: str) -> str:
+    return f"System prompt set: {clip(prompt)}"
+
+
+def system_prompt_too_long(count: int, maximum: int) -> str:
+    return f"That system prompt is too long ({count} characters; the limit is {maximum})."
+
+
+def _settings(values: Mapping[str, object]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in values.items())
+
+
+def settings_shown(settings: GenerationSettings, usage: str) -> str:
+    return f"Settings: {_settings(settings.to_dict())}\n{usage}"
+
+
+def settings_now(settings: GenerationSettings) -> str:
+    return f"Settings now: {_settings(settings.to_dict())}"
+
+
+def nothing_changed(problem: str, usage: str) -> str:
+    return f"Nothing changed: {problem}.\n{usage}"
+
+
+class SettingProblem:
+    """Why `/set key=value ...` was not understood (the `problem` of `nothing_changed`)."""
+
+    NOTHING = "nothing to set"
+
+    @staticmethod
+    def not_key_value(word: str) -> str:
+        return f"{word!r} is not key=value"
+
+    @staticmethod
+    def unknown(key: str, known: list[str]) -> str:
+        return f"unknown setting {key!r}; use {', '.join(known)}"
+
+    @staticmethod
+    def not_a_number(key: str, raw: str, *, integer: bool) -> str:
+        return f"{key} must be {'an integer' if integer else 'a number'}, not {raw!r}"
+
+    @staticmethod
+    def out_of_range(key: str, low: float, high: float, raw: str) -> str:
+        return f"{key} must be between {low:g} and {high:g}, not {raw}"
+
+
+def model_line(health: BackendHealth) -> str:
+    """`Model: name (quantization, dtype, on device, context N tokens)` (or who serves it), and the
+    backend's restarts."""
+    info = health.model
+    if info is None:
+        line = "Model: loading…" if health.alive else "Model: not running"
+    else:
+        line = f"Model: {info.name} ({info.how()}, context {info.context_window} tokens)"
+    if health.restarts:
+        line += f"; backend restarted {plural(health.restarts, 'time')}"
+    return line
+
+
+def status_report(
+    health: BackendHealth,
+    depth: int,
+    position: int | None,
+    history: int,
+    settings: GenerationSettings,
+    system_prompt: str,
+) -> str:
+    queue = f"Queue: {depth} waiting or running"
+    queue += f"; your next reply is number {position}" if position else "; nothing of yours waiting"
+    return "\n".join(
+        [
+            model_line(health),
+            queue,
+            f"History: {plural(history, 'message')}",
+            f"Settings: {_settings(settings.to_dict())}",
+            f"System prompt: {clip(system_prompt, 120) if system_prompt else '(none)'}",
+        ]
+    )
+
+
+def model_report(health: BackendHealth, settings: GenerationSettings) -> str:
+    info = health.model
+    if info is None:
+        return f"{model_line(health)}\nSettings here: {_settings(settings.to_dict())}"
+    return "\n".join(
+        [
+            f"Model: {info.name}",
+            f"Served by: {info.served_by}"
+            if info.served_by
+            else f"Quantization: {info.quantization}; dtype: {info.dtype}; device: {info.device}",
+            f"Context window: {info.context_window} tokens",
+            f"Settings here: {_settings(settings.to_dict())}",
+        ]
+    )
+
+
+NOTHING_TO_FORGET = "There was nothing of yours to forget here."
+
+
+def forgot(archived: int, cancelled: int) -> str:
+    if not archived and not cancelled:
+        return NOTHING_TO_FORGET
+    reply = f"Forgot {plural(archived, 'message')} (yours and the replies to them)"
+    return reply + (f"; {plural(cancelled, 'waiting reply', 'waiting replies')} cancelled." if cancelled else ".")

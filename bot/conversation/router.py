@@ -1,36 +1,33 @@
 """The router: what to do with one incoming message.
 
-A command is run (with its permission check) and answered through the adapter; a message the
+A command goes to the command registry (which checks permissions and runs it); a message the
 bot should answer is recorded and queued; any other message is only recorded as context.
+Outcomes are values (`RouteResult`); their sentences come from `bot.conversation.messages`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
-from collections import defaultdict, deque
 from typing import TYPE_CHECKING
 
-from bot.conversation.commands import ADMIN_COMMANDS, MAX_COMMAND_CHARS, parse_command, run_command
 from bot.conversation import messages
+from bot.conversation.commands import COMMANDS, MAX_COMMAND_CHARS
+from bot.conversation.context import CommandContext, ConversationDefaults, HealthPort, JobsPort
+from bot.conversation.limits import UserRateLimit
+from bot.conversation.registry import CommandRegistry, parse_command
 from bot.core.contracts import Outcome, Refusal, RefusalKind, RouteResult
 from bot.core.errors import ParleyError, QueueFull
 from bot.core.text import normalize_text
-from bot.core.types import ConversationKey, IncomingMessage, Role
+from bot.core.types import ConversationKey, GenerationSettings, IncomingMessage, Role
 
 if TYPE_CHECKING:
-    from storage import Repository
+    from storage import Conversation, Repository
 
-    from bot.core.config import Settings
-    from bot.generation.client import GenerationClient
-    from bot.jobs.queue import GenerationQueue
+    from bot.core.config import BotSettings, QueueSettings
 
-__all__ = ["Router", "RouteResult"]
+__all__ = ["Router"]
 
 log = logging.getLogger("parley.router")
-
-RATE_WINDOW = 60.0
 
 
 def _refused(outcome: Outcome, refusal: Refusal) -> RouteResult:
@@ -38,15 +35,33 @@ def _refused(outcome: Outcome, refusal: Refusal) -> RouteResult:
 
 
 class Router:
-    """Platform-free core entry point; adapters call `handle` for every incoming message."""
+    """Platform-free core entry point (the `Core` adapters call); `handle` takes every incoming message.
 
-    def __init__(self, settings: Settings, repo: Repository, queue: GenerationQueue, client: GenerationClient) -> None:
-        self.settings = settings
+    It needs storage, the job queue (`JobsPort`), the backend's health (`HealthPort`), the `[bot]`
+    and `[queue]` settings and the default generation settings; `rate_limit` and `commands` may be
+    replaced (tests).
+    """
+
+    def __init__(
+        self,
+        repo: Repository,
+        jobs: JobsPort,
+        backend: HealthPort,
+        *,
+        bot: BotSettings,
+        queue_limits: QueueSettings,
+        generation: GenerationSettings,
+        rate_limit: UserRateLimit | None = None,
+        commands: CommandRegistry = COMMANDS,
+    ) -> None:
         self.repo = repo
-        self.queue = queue
-        self.client = client
+        self.jobs = jobs
+        self.backend = backend
+        self.max_input_chars = bot.max_input_chars
+        self.defaults = ConversationDefaults(bot_name=bot.name, system_prompt=bot.system_prompt, generation=generation)
+        self.rate_limit = rate_limit or UserRateLimit(queue_limits.user_messages_per_minute)
+        self.commands = commands
         self._bot_usernames: dict[str, str] = {}
-        self._recent: defaultdict[tuple[str, str], deque[float]] = defaultdict(deque)
 
     def set_bot_username(self, platform: str, username: str) -> None:
         """So `/cmd@thisbot` is ours and `/cmd@otherbot` is not."""
@@ -67,21 +82,19 @@ class Router:
         if message.author.is_bot:
             return RouteResult(Outcome.IGNORED)
         text = normalize_text(message.text)
-        limit = self.settings.bot.max_input_chars
+        limit = self.max_input_chars
         if text.startswith("/"):
             command = parse_command(text, self._bot_usernames.get(message.conversation.platform))
             if command is None:
                 return RouteResult(Outcome.IGNORED)
             if len(text) > max(limit, MAX_COMMAND_CHARS):
                 return _refused(Outcome.REFUSED, Refusal(RefusalKind.TOO_LONG, count=len(text), command=command.name))
-            reply = await run_command(self, message, command)
-            # Transitional: the command registry will return the refusal as a value.
-            return RouteResult(Outcome.COMMAND, reply=reply, private=reply.startswith("Only admins"))
+            return await self.commands.run(self.command_context(message), command)
         if not text:
             return RouteResult(Outcome.IGNORED)
         if message.addressed and len(text) > limit:
             return _refused(Outcome.REFUSED, Refusal(RefusalKind.TOO_LONG, count=len(text), maximum=limit))
-        conversation = await self.conversation_for(message)
+        conversation = await self._conversation_for(message)
         if not message.addressed:
             await self.repo.record_message(
                 conversation.id,
@@ -94,11 +107,11 @@ class Router:
                 created_at=message.sent_at,
             )
             return RouteResult(Outcome.RECORDED)
-        wait = self._rate_limited(message)
+        wait = self.rate_limit.check(message.conversation.platform, message.author.id)
         if wait is not None:
             return _refused(Outcome.BUSY, Refusal(RefusalKind.RATE_LIMITED, seconds=wait))
         try:
-            job, created = await self.queue.enqueue(conversation.id, message, text)
+            job, created = await self.jobs.enqueue(conversation.id, message, text)
         except QueueFull as exc:
             refusal = Refusal(RefusalKind.QUEUE_FULL, limit=exc.limit, count=exc.count, maximum=exc.maximum)
             return _refused(Outcome.BUSY, refusal)
@@ -106,16 +119,11 @@ class Router:
             return RouteResult(Outcome.DUPLICATE, job_id=job.id if job else None)
         return RouteResult(Outcome.QUEUED, job_id=job.id if job else None)
 
-    def _rate_limited(self, message: IncomingMessage) -> int | None:
-        """Seconds until this user may send again, or None. A sliding one-minute window per user."""
-        now = time.monotonic()
-        recent = self._recent[(message.conversation.platform, message.author.id)]
-        while recent and now - recent[0] > RATE_WINDOW:
-            recent.popleft()
-        if len(recent) >= self.settings.queue.user_messages_per_minute:
-            return max(1, math.ceil(RATE_WINDOW - (now - recent[0])))
-        recent.append(now)
-        return None
+    def command_context(self, message: IncomingMessage) -> CommandContext:
+        """What a command run for `message` may use."""
+        return CommandContext(
+            message=message, defaults=self.defaults, repo=self.repo, jobs=self.jobs, health=self.backend.health
+        )
 
     async def handle_edit(self, message: IncomingMessage) -> bool:
         """A user edited a message: the stored text follows (the answer already given stays)."""
@@ -132,26 +140,7 @@ class Router:
 
     async def wait_for(self, job_id: int) -> str:
         """Wait until a job is done, failed or cancelled; returns that status."""
-        return await self.queue.wait_for(job_id)
+        return await self.jobs.wait_for(job_id)
 
-    async def conversation_for(self, message: IncomingMessage):  # noqa: ANN201 - storage's Conversation
+    async def _conversation_for(self, message: IncomingMessage) -> Conversation:
         return await self.repo.get_or_create_conversation(message.conversation, is_direct=message.is_direct)
-
-    def may_administer(self, message: IncomingMessage) -> bool:
-        """DESIGN's rule: in a direct chat the user is the admin of their own conversation; in a
-        shared one only the people the adapter marked as admins."""
-        return message.is_direct or message.author.is_admin
-
-    def refusal(self, command: str) -> str:
-        assert command in ADMIN_COMMANDS
-        return messages.render_refusal(Refusal(RefusalKind.NOT_ADMIN, command=command))
-
-    async def audit(self, message: IncomingMessage, conversation_id: int, action: str, detail: str) -> None:
-        await self.repo.audit(
-            conversation_id,
-            platform=message.conversation.platform,
-            actor_id=message.author.id,
-            actor_name=message.author.name,
-            action=action,
-            detail=detail,
-        )

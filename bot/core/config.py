@@ -183,9 +183,8 @@ class Settings:
             return url
         if self.storage.url:
             return self.storage.url
-        path = default_data_dir() / "parley.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite+aiosqlite:///{path}"
+        # Reading settings creates nothing: `storage.Database.start` makes the folder when it opens the file.
+        return f"sqlite+aiosqlite:///{default_data_dir() / 'parley.db'}"
 
     def with_overrides(self, **sections: Any) -> Settings:
         return replace(self, **sections)

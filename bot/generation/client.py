@@ -1,8 +1,9 @@
 """The GPU behind one interface: what the queue asks of a generation backend.
 
-Two implementations share the worker's engine: `SubprocessGenerationClient` (production: the
-model lives in a child process, the only one that imports torch) and `InProcessGenerationClient`
-(tests: the same engine on a thread of this process). `make_generation_client` picks one.
+Three implementations: `SubprocessGenerationClient` (production: the model lives in a child
+process, the only one that imports torch), `InProcessGenerationClient` (tests: the same engine on
+a thread of this process) and `OpenAIGenerationClient` (an OpenAI-compatible serving engine).
+`bot.runtime.backends.make_generation_client` picks one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ __all__ = [
     "TextDelta",
     "GenerationResult",
     "ModelInfo",
-    "WorkerHealth",
+    "BackendHealth",
     "GenerationClient",
 ]
 
@@ -53,7 +54,7 @@ class GenerationResult:
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """What the worker loaded, as told in its READY message."""
+    """What the backend serves: for the worker, what it loaded, as told in its READY message."""
 
     name: str
     quantization: str
@@ -62,16 +63,32 @@ class ModelInfo:
     context_window: int
     max_batch: int
     load_seconds: float = 0.0
+    served_by: str = ""
+    """For a model on a serving engine: the server's address. Quantization, dtype and device are
+    then the server's business, unknown here, and left empty; "" for a model Parley runs itself."""
+
+    def how(self) -> str:
+        """How the model runs, for people: "4bit, bfloat16, on cuda" or "served by http://…"."""
+        return f"served by {self.served_by}" if self.served_by else f"{self.quantization}, {self.dtype}, on {self.device}"
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerHealth:
+class BackendHealth:
+    """A generation backend's health, as `/status` and the benchmarks read it."""
+
     alive: bool
+    """Whether the backend takes jobs now (a worker process is up, a model server answered)."""
     model: ModelInfo | None
+    """The model it serves, once started."""
     running_jobs: int
-    restarts: int
+    """Jobs this client has handed to the backend and not yet seen end."""
+    restarts: int = 0
+    """How often the client had to restart its backend (one that it cannot restart reports 0)."""
     pid: int | None = None
+    """The process id of a worker process while one runs; None for a backend without a local process."""
     extra: dict[str, object] = field(default_factory=dict)
+    """Backend-specific details for logs and benchmarks (a worker's state and last exit, a
+    server's base URL and last error, batch counters...)."""
 
 
 class GenerationClient(abc.ABC):
@@ -79,18 +96,19 @@ class GenerationClient(abc.ABC):
 
     @abc.abstractmethod
     async def start(self) -> ModelInfo:
-        """Start the backend and wait for READY. Raises `WorkerStartError` naming the setting to change."""
+        """Start the backend and wait until it is ready. Raises `BackendStartError` naming the setting to change."""
 
     @abc.abstractmethod
     async def stop(self) -> None:
-        """Stop the backend; in-flight jobs end with `WorkerDead`."""
+        """Stop the backend; in-flight jobs end with `BackendDown`."""
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest) -> AsyncIterator[TextDelta | GenerationResult]:
         """Stream a job: `TextDelta`s, then exactly one `GenerationResult`.
 
-        Raises `JobFailed` if this job failed, `WorkerDead` if the backend died while holding it
-        (the client restarts the backend by itself; the caller decides whether to retry).
+        Raises `JobFailed` if this job failed, `BackendDown` if the backend went away while holding
+        it (a worker-process client restarts its worker by itself; the caller decides whether to
+        retry).
         """
 
     @abc.abstractmethod
@@ -98,7 +116,7 @@ class GenerationClient(abc.ABC):
         """Ask the backend to stop a job; its stream ends with finish_reason "cancelled"."""
 
     @abc.abstractmethod
-    async def health(self) -> WorkerHealth:
+    async def health(self) -> BackendHealth:
         """Whether the backend is alive, what it runs, how often it was restarted."""
 
     @property

@@ -1,9 +1,12 @@
-"""The in-process generation client: the worker's `Engine` on a thread of this process (for tests).
+"""The in-process generation client: the worker's engine on a thread of this process (for tests).
 
 Same jobs, same stream semantics as `SubprocessGenerationClient`, without a second process:
 the engine thread hands each protocol message to the event loop with `call_soon_threadsafe`,
 where the shared `JobStreams` routes it. There is nothing to restart: if the engine thread dies,
 every running job ends with `WorkerDead` and the client stays down.
+
+This module does not import the worker (nor torch): whoever builds the client passes in how to
+load the engine (`bot.runtime.backends` does, with `bot.worker`).
 """
 
 from __future__ import annotations
@@ -11,20 +14,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
+from bot.core.errors import BackendStartError, WorkerDead, WorkerStartError
+from bot.core.types import ChatMessage, GenerationSettings
 from bot.generation import protocol
-from bot.core.config import Settings
-from bot.core.errors import WorkerDead, WorkerStartError
-from bot.generation.client import ModelInfo, WorkerHealth
-from bot.generation.subprocess_client import Send, WorkerClientBase
+from bot.generation.client import BackendHealth, ModelInfo
+from bot.generation.worker_client import Send, WorkerClientBase
 
-if TYPE_CHECKING:
-    from bot.worker.engine import Engine
-
-__all__ = ["InProcessGenerationClient"]
+__all__ = ["Emit", "InProcessEngine", "EngineLoader", "InProcessGenerationClient"]
 
 log = logging.getLogger("parley.generation")
+
+Emit = Callable[[protocol.FromWorker], None]
+"""How the engine hands each of its protocol messages to the client."""
+
+
+class InProcessEngine(Protocol):
+    """What this client needs of an engine (the worker's `Engine` is one): it takes jobs from any
+    thread, and `run` decodes them on the calling thread until `stop`, saying everything through
+    the `emit` it was built with."""
+
+    def submit(self, job_id: int, messages: Sequence[ChatMessage], settings: GenerationSettings) -> None: ...
+
+    def cancel(self, job_id: int) -> None: ...
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+EngineLoader = Callable[[Emit], tuple[InProcessEngine, ModelInfo]]
+"""Loads the model and builds an engine that sends its messages to `emit`; returns it with what
+was loaded. Blocking (the client runs it on a thread); raises `BackendStartError` naming the
+setting to change when the model cannot be loaded."""
 
 
 class InProcessGenerationClient(WorkerClientBase):
@@ -34,10 +58,10 @@ class InProcessGenerationClient(WorkerClientBase):
     does not apply); `stop()` lets the current decode step finish and joins the thread.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, load_engine: EngineLoader) -> None:
         super().__init__()
-        self._settings = settings
-        self._engine: Engine | None = None
+        self._load_engine = load_engine
+        self._engine: InProcessEngine | None = None
         self._thread: threading.Thread | None = None
         self._model_info: ModelInfo | None = None
         self._stopped = False
@@ -51,17 +75,6 @@ class InProcessGenerationClient(WorkerClientBase):
             return self._model_info
         if self._stopped:
             raise WorkerStartError("this generation client was stopped; make a new one")
-        from bot.worker import engine as worker  # torch is imported here, not when the bot imports this module
-
-        def progress(stage: str, text: str) -> None:
-            log.info("%s: %s", stage, text)
-
-        try:
-            loaded = await asyncio.to_thread(worker.load_model, self._settings.model, self._settings.worker, progress)
-        except worker.ModelLoadError as exc:
-            raise WorkerStartError(str(exc)) from exc
-        except Exception as exc:
-            raise WorkerStartError(f"loading the model failed ({type(exc).__name__}: {exc}); check [model] model") from exc
 
         loop = asyncio.get_running_loop()
 
@@ -71,11 +84,18 @@ class InProcessGenerationClient(WorkerClientBase):
             except RuntimeError:
                 pass  # the event loop is closed: nobody is listening any more
 
-        self._engine = worker.Engine(loaded, emit)
+        try:
+            engine, info = await asyncio.to_thread(self._load_engine, emit)
+        except BackendStartError:
+            raise
+        except Exception as exc:
+            raise WorkerStartError(f"loading the model failed ({type(exc).__name__}: {exc}); check [model] model") from exc
+
+        self._engine = engine
         self._thread = threading.Thread(target=self._run_engine, args=(loop,), name="parley-engine", daemon=True)
         self._thread.start()
-        self._model_info = loaded.info
-        return loaded.info
+        self._model_info = info
+        return info
 
     def _run_engine(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._engine is not None
@@ -113,11 +133,11 @@ class InProcessGenerationClient(WorkerClientBase):
             await asyncio.to_thread(self._thread.join)
         self._streams.fail(lambda: WorkerDead("the generation client was stopped"))
 
-    async def health(self) -> WorkerHealth:
+    async def health(self) -> BackendHealth:
         alive = not self._stopped and self._thread is not None and self._thread.is_alive()
         extra: dict[str, object] = {"state": "ready" if alive else ("stopped" if self._stopped else "new")}
         extra.update(self._stream_stats())
-        return WorkerHealth(
+        return BackendHealth(
             alive=alive,
             model=self._model_info,
             running_jobs=len(self._streams),

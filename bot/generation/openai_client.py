@@ -4,7 +4,7 @@ server, `transformers serve`, or OpenAI itself), through the maintained `openai`
 Usage::
 
     client = OpenAIGenerationClient(settings)
-    info = await client.start()     # GET /models; WorkerStartError naming [openai] base_url if unreachable
+    info = await client.start()     # GET /models; BackendStartError naming [openai] base_url if unreachable
     async for item in client.submit(GenerationRequest(job_id, messages, settings.generation)):
         ...                         # TextDelta ..., then exactly one GenerationResult
     await client.stop()
@@ -12,14 +12,14 @@ Usage::
 How failures map onto the queue's contract:
 
 * the server cannot be reached (refused, timed out; after the library's own `[openai] max_retries`
-  retries with backoff), it answers 408/429/5xx, or the stream breaks off mid-reply → `WorkerDead`:
+  retries with backoff), it answers 408/429/5xx, or the stream breaks off mid-reply → `BackendDown`:
   the queue retries the job up to `[worker] max_attempts`, then tells the user;
 * any other 4xx (bad request, unknown model, wrong API key...) → `JobFailed` with the server's message.
 
 Prompt length: the worker trims a chat to its context window itself; a server would reject it
 instead. So when the context window is known (`[model] context_window` if set, else what the
 server's /models entry says, as vLLM's `max_model_len` does) the oldest turns are left out here
-with `bot.prompt.fit_to_budget` and a rough counter (4 characters a token, plus a few tokens a
+with `bot.generation.prompt.fit_to_budget` and a rough counter (4 characters a token, plus a few tokens a
 message). When neither tells, the chat is sent whole and the server decides.
 
 The API key is read from the environment variable `[openai] api_key_env` names, and is never logged.
@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import openai
 
-from bot.core.errors import JobFailed, WorkerDead, WorkerStartError
+from bot.core.errors import BackendDown, BackendStartError, JobFailed
 from bot.generation.client import (
+    BackendHealth,
     GenerationClient,
     GenerationRequest,
     GenerationResult,
     ModelInfo,
     TextDelta,
-    WorkerHealth,
 )
 from bot.generation.prompt import fit_to_budget
 from bot.core.types import ChatMessage
@@ -110,14 +110,14 @@ class OpenAIGenerationClient(GenerationClient):
             models = [m async for m in self._client.models.list()]
         except openai.APIConnectionError as exc:
             await self._close_client()
-            raise WorkerStartError(
+            raise BackendStartError(
                 f"the model server at {base_url} cannot be reached ({_describe(exc)}); start it, "
                 "or set [openai] base_url to its OpenAI-compatible API root (like http://127.0.0.1:8000/v1)"
             ) from None
         except openai.APIStatusError as exc:
             await self._close_client()
             hint = " (check the API key in the variable [openai] api_key_env names)" if exc.status_code in (401, 403) else ""
-            raise WorkerStartError(
+            raise BackendStartError(
                 f"the model server at {base_url} ([openai] base_url) answered GET /models with "
                 f"HTTP {exc.status_code}: {_server_message(exc)}{hint}"
             ) from None
@@ -126,7 +126,7 @@ class OpenAIGenerationClient(GenerationClient):
         if not name:
             if not names:
                 await self._close_client()
-                raise WorkerStartError(f"the model server at {base_url} ([openai] base_url) lists no models; set [openai] model")
+                raise BackendStartError(f"the model server at {base_url} ([openai] base_url) lists no models; set [openai] model")
             name = names[0]
         elif names and name not in names:
             log.warning("[openai] model %r is not among the models the server lists (%s)", name, ", ".join(names))
@@ -134,9 +134,10 @@ class OpenAIGenerationClient(GenerationClient):
         context = self.settings.model.context_window or _context_of(entry)
         self._info = ModelInfo(
             name=name,
-            quantization="n/a (server)",
-            device="remote",
-            dtype="n/a",
+            quantization="",
+            device="",
+            dtype="",
+            served_by=_without_credentials(base_url),
             context_window=context,
             max_batch=self.config.max_concurrent,
             load_seconds=time.monotonic() - started,
@@ -153,7 +154,7 @@ class OpenAIGenerationClient(GenerationClient):
         pumps = [job.pump for job in self._jobs.values() if job.pump is not None]
         await asyncio.gather(*pumps, return_exceptions=True)
         for job in list(self._jobs.values()):
-            job.queue.put_nowait(WorkerDead("the OpenAI client was stopped"))
+            job.queue.put_nowait(BackendDown("the OpenAI client was stopped"))
         self._jobs.clear()
         self._alive = False
         await self._close_client()
@@ -167,7 +168,7 @@ class OpenAIGenerationClient(GenerationClient):
 
     async def submit(self, request: GenerationRequest) -> AsyncIterator[TextDelta | GenerationResult]:
         if self._client is None or self._info is None:
-            raise WorkerDead("the OpenAI client is not started")
+            raise BackendDown("the OpenAI client is not started")
         job_id = request.job_id
         if job_id in self._jobs:
             raise JobFailed(f"job {job_id} is already running")
@@ -272,11 +273,11 @@ class OpenAIGenerationClient(GenerationClient):
         self._mark_alive()  # it answered: it is up, this request is what it refused
         return JobFailed(f"the model server refused the request (HTTP {status}): {_server_message(exc)}")
 
-    def _dead(self, reason: str) -> WorkerDead:
+    def _dead(self, reason: str) -> BackendDown:
         self._alive = False
         self._last_error = reason
         log.warning("%s ([openai] base_url = %s)", reason, self.config.base_url)
-        return WorkerDead(reason)
+        return BackendDown(reason)
 
     def _mark_alive(self) -> None:
         self._alive = True
@@ -284,7 +285,7 @@ class OpenAIGenerationClient(GenerationClient):
 
     # -- state -----------------------------------------------------------------------------------
 
-    async def health(self) -> WorkerHealth:
+    async def health(self) -> BackendHealth:
         """Pings GET /models (one try, a few seconds) so `/status` tells whether the server is up now."""
         if self._client is not None:
             try:
@@ -293,12 +294,10 @@ class OpenAIGenerationClient(GenerationClient):
             except openai.APIError as exc:
                 self._alive = False
                 self._last_error = f"ping failed: {_describe(exc)}"
-        return WorkerHealth(
+        return BackendHealth(
             alive=self._alive,
             model=self._info,
             running_jobs=len(self._jobs),
-            restarts=0,
-            pid=None,
             extra={"backend": "openai", "base_url": self.config.base_url, "last_error": self._last_error},
         )
 
@@ -338,3 +337,12 @@ def _describe(exc: BaseException) -> str:
     if cause is not None and str(cause) and str(cause) not in text:
         text = f"{text}: {cause}"
     return text
+
+
+def _without_credentials(url: str) -> str:
+    """`url` as shown to users: any user:password@ part removed."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    host, slash, path = rest.partition("/")
+    return f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"

@@ -4,7 +4,7 @@ Every line is `{"type": <name>, ...fields}`, ASCII-only (non-ASCII text is \\u-e
 never split inside a character). Messages about one job carry its `job_id`.
 
 bot → worker
-    configure  model: {ModelSettings fields}, worker: {WorkerSettings fields}  (first line, once)
+    configure  model: {ModelSettings fields}, worker: {WorkerSettings fields}, ignore_eos  (first line, once)
     submit     job_id, messages: [{role, content}], settings: {temperature, top_p, max_new_tokens}
     cancel     job_id
     ping       nonce
@@ -12,13 +12,17 @@ bot → worker
 
 worker → bot
     progress   stage, text                       (while loading: converting, loading, quantizing, warmup)
-    ready      name, quantization, device, dtype, context_window, max_batch, load_seconds
+    ready      name, quantization, device, dtype, context_window, max_batch, load_seconds  (a ModelInfo)
     fatal      message                           (loading failed; the worker exits)
     started    job_id, prompt_tokens, dropped_messages, batch, batch_size
     deltas     texts: {"<job_id>": text, ...}    (one line per decode step for every job with new text)
-    done       job_id, finish_reason, prompt_tokens, completion_tokens, dropped_messages
+    done       job_id, finish_reason, prompt_tokens, completion_tokens, dropped_messages  (a GenerationResult)
     error      job_id, message                   (this job failed; the worker carries on)
     pong       nonce
+
+A message that carries one of the public result types (`Ready` a `ModelInfo`, `Done` a
+`GenerationResult`) holds the dataclass itself; on the wire its fields sit beside the message's
+own, as listed above, encoded and checked from the dataclass's fields like any others.
 
 `decode` checks every field's type and raises `ProtocolError` naming what is wrong.
 """
@@ -32,7 +36,7 @@ from typing import Any, ClassVar, Union
 
 from bot.core.config import ModelSettings, WorkerSettings
 from bot.core.errors import GenerationError
-from bot.generation.client import ModelInfo
+from bot.generation.client import GenerationResult, ModelInfo
 from bot.core.types import ChatMessage, GenerationSettings
 
 __all__ = [
@@ -62,6 +66,14 @@ class ProtocolError(GenerationError):
     """A line on the wire is not a valid protocol message (a bug, or something else wrote to the pipe)."""
 
 
+# A message field that holds a dataclass whose fields go on the wire beside the message's own.
+_INLINE = "inline"
+
+
+def _inline(cls: type) -> Any:
+    return field(metadata={_INLINE: cls})
+
+
 # --- bot → worker -------------------------------------------------------------------------
 
 
@@ -72,6 +84,9 @@ class Configure:
     TYPE: ClassVar[str] = "configure"
     model: ModelSettings
     worker: WorkerSettings
+    ignore_eos: bool = False
+    """Benchmarks only: every reply runs to max_new_tokens, ignoring end-of-turn tokens (not a config
+    key or a per-job setting, so no user of the bot can reach it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,23 +136,10 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """The model is loaded and the worker takes jobs; the fields are those of `ModelInfo`."""
+    """The model is loaded and the worker takes jobs."""
 
     TYPE: ClassVar[str] = "ready"
-    name: str
-    quantization: str
-    device: str
-    dtype: str
-    context_window: int
-    max_batch: int
-    load_seconds: float = 0.0
-
-    def to_model_info(self) -> ModelInfo:
-        return ModelInfo(**{f.name: getattr(self, f.name) for f in fields(self)})
-
-    @classmethod
-    def from_model_info(cls, info: ModelInfo) -> Ready:
-        return cls(**asdict(info))
+    info: ModelInfo = _inline(ModelInfo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,10 +176,7 @@ class Done:
 
     TYPE: ClassVar[str] = "done"
     job_id: int
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    dropped_messages: int = 0
+    result: GenerationResult = _inline(GenerationResult)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,11 +222,19 @@ def _to_json(value: Any) -> Any:
     return value
 
 
+def _put_fields(payload: dict[str, Any], value: Any) -> None:
+    for f in fields(value):
+        item = getattr(value, f.name)
+        if _INLINE in f.metadata:
+            _put_fields(payload, item)
+        else:
+            payload[f.name] = _to_json(item)
+
+
 def encode(message: Message) -> bytes:
     """One protocol line, newline included."""
-    payload = {"type": message.TYPE}
-    for f in fields(message):  # type: ignore[arg-type]
-        payload[f.name] = _to_json(getattr(message, f.name))
+    payload: dict[str, Any] = {"type": message.TYPE}
+    _put_fields(payload, message)
     return json.dumps(payload, separators=(",", ":")).encode("ascii") + b"\n"
 
 
@@ -237,6 +244,12 @@ def encode(message: Message) -> bytes:
 def _int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"{where} must be an integer, not {value!r}")
+    return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where} must be true or false, not {value!r}")
     return value
 
 
@@ -312,6 +325,7 @@ def _texts(value: Any, where: str) -> dict[int, str]:
 
 _FIELD_PARSERS: dict[Any, Callable[[Any, str], Any]] = {
     "int": _int,
+    "bool": _bool,
     "float": _float,
     "str": _str,
     "ModelSettings": _settings_of(ModelSettings),
@@ -320,6 +334,33 @@ _FIELD_PARSERS: dict[Any, Callable[[Any, str], Any]] = {
     "tuple[ChatMessage, ...]": _chat,
     "Mapping[int, str]": _texts,
 }
+
+
+def _wire_names(cls: type) -> frozenset[str]:
+    """The keys a message of `cls` may have on the wire (an inlined dataclass's fields included)."""
+    names: set[str] = set()
+    for f in fields(cls):
+        inner = f.metadata.get(_INLINE)
+        names |= _wire_names(inner) if inner is not None else {f.name}
+    return frozenset(names)
+
+
+_WIRE_NAMES = {kind: _wire_names(cls) for kind, cls in _MESSAGE_TYPES.items()}
+
+
+def _parse_fields(cls: type, payload: dict[str, Any], kind: str, shown: object) -> dict[str, Any]:
+    values = {}
+    for f in fields(cls):
+        inner = f.metadata.get(_INLINE)
+        if inner is not None:
+            values[f.name] = inner(**_parse_fields(inner, payload, kind, shown))
+            continue
+        if f.name not in payload:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ProtocolError(f"{kind} message lacks field {f.name!r}: {shown!r}")
+            continue
+        values[f.name] = _FIELD_PARSERS[f.type](payload[f.name], f"{kind}.{f.name}")
+    return values
 
 
 def decode(line: bytes | str) -> Message:
@@ -335,15 +376,7 @@ def decode(line: bytes | str) -> Message:
     cls = _MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}: {shown!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(payload) - set(known))
+    unknown = sorted(set(payload) - _WIRE_NAMES[kind])
     if unknown:
         raise ProtocolError(f"{kind} message has unknown fields {unknown}: {shown!r}")
-    values = {}
-    for name, f in known.items():
-        if name not in payload:
-            if f.default is MISSING and f.default_factory is MISSING:
-                raise ProtocolError(f"{kind} message lacks field {name!r}: {shown!r}")
-            continue
-        values[name] = _FIELD_PARSERS[f.type](payload[name], f"{kind}.{name}")
-    return cls(**values)
+    return cls(**_parse_fields(cls, payload, kind, shown))

@@ -8,25 +8,23 @@ job. If the worker dies, every job it held ends with `WorkerDead` and a new work
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import itertools
 import logging
 import os
 import re
-import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-from bot.generation import protocol
 from bot.core.config import Settings
-from bot.core.errors import JobFailed, WorkerDead, WorkerStartError
-from bot.generation.client import GenerationClient, GenerationRequest, GenerationResult, ModelInfo, TextDelta, WorkerHealth
+from bot.core.errors import WorkerDead, WorkerStartError
+from bot.generation import protocol
+from bot.generation.client import BackendHealth, ModelInfo
+from bot.generation.worker_client import Send, WorkerClientBase, describe_exit
 
-__all__ = ["SubprocessGenerationClient", "WorkerClientBase", "JobStreams", "describe_exit"]
+__all__ = ["SubprocessGenerationClient"]
 
 log = logging.getLogger("parley.generation")
 worker_log = logging.getLogger("parley.worker")
@@ -37,159 +35,6 @@ _STDERR_TAIL_LINES = 30
 _LOG_LINE = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)", re.DOTALL)
 # Restarts within this many seconds count as "keeps dying" for the backoff.
 _FAILURE_WINDOW_S = 300.0
-
-
-def describe_exit(returncode: int | None) -> str:
-    """ "exit code 1" or "killed by signal SIGKILL", for logs and error messages."""
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        try:
-            return f"killed by signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit code {returncode}"
-
-
-Send = Callable[[protocol.ToWorker], None]
-
-
-@dataclass(eq=False)
-class _JobEntry:
-    queue: asyncio.Queue[TextDelta | GenerationResult | Exception]
-    owner: object
-    send: Send
-
-
-class JobStreams:
-    """The bot's side of running jobs: one asyncio queue per job id, fed with worker messages.
-
-    Both clients use it, so a job's stream means the same thing whichever backend runs it.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: dict[int, _JobEntry] = {}
-        self.batches = 0
-        self.largest_batch = 0
-        self._last_batch: tuple[int, int] | None = None
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    def __contains__(self, job_id: object) -> bool:
-        return job_id in self._jobs
-
-    def open(self, job_id: int, owner: object, send: Send) -> _JobEntry:
-        entry = _JobEntry(asyncio.Queue(), owner, send)
-        self._jobs[job_id] = entry
-        return entry
-
-    def close(self, job_id: int, entry: _JobEntry) -> None:
-        if self._jobs.get(job_id) is entry:
-            del self._jobs[job_id]
-
-    def get(self, job_id: int) -> _JobEntry | None:
-        return self._jobs.get(job_id)
-
-    def route(self, message: protocol.FromWorker, owner: object = None) -> None:
-        """Deliver a job message (started, deltas, done, error) to its job's queue."""
-        if isinstance(message, protocol.Deltas):
-            for job_id, text in message.texts.items():
-                entry = self._jobs.get(job_id)
-                if entry is not None:
-                    entry.queue.put_nowait(TextDelta(text))
-        elif isinstance(message, protocol.Done):
-            entry = self._jobs.pop(message.job_id, None)
-            if entry is not None:
-                entry.queue.put_nowait(
-                    GenerationResult(
-                        finish_reason=message.finish_reason,
-                        prompt_tokens=message.prompt_tokens,
-                        completion_tokens=message.completion_tokens,
-                        dropped_messages=message.dropped_messages,
-                    )
-                )
-        elif isinstance(message, protocol.JobError):
-            entry = self._jobs.pop(message.job_id, None)
-            if entry is not None:
-                entry.queue.put_nowait(JobFailed(message.message))
-        elif isinstance(message, protocol.Started):
-            key = (id(owner), message.batch)
-            if key != self._last_batch:
-                self._last_batch = key
-                self.batches += 1
-            # Jobs join a running batch, so its size grows after it started.
-            self.largest_batch = max(self.largest_batch, message.batch_size)
-        else:
-            log.warning("ignoring an unexpected %s message from the worker", message.TYPE)
-
-    def fail(self, make_error: Callable[[], Exception], owner: object | None = None) -> int:
-        """End every job (of `owner`, if given) with a fresh error from `make_error`; return how many."""
-        doomed = [job_id for job_id, entry in self._jobs.items() if owner is None or entry.owner is owner]
-        for job_id in doomed:
-            self._jobs.pop(job_id).queue.put_nowait(make_error())
-        return len(doomed)
-
-
-class WorkerClientBase(GenerationClient):
-    """What both clients share: `submit` streams from `JobStreams`, `cancel` asks the job's worker.
-
-    A subclass provides `_acquire()`: wait until a worker can take a job and return how to send
-    it messages, plus an owner token that identifies that worker.
-    """
-
-    def __init__(self) -> None:
-        self._streams = JobStreams()
-        self._acquiring: set[int] = set()
-        self._cancelled_early: set[int] = set()
-
-    @abc.abstractmethod
-    async def _acquire(self) -> tuple[Send, object]:
-        """(send, owner) of a worker that is ready; raise `WorkerDead` if there is none to wait for."""
-
-    async def submit(self, request: GenerationRequest) -> AsyncIterator[TextDelta | GenerationResult]:
-        job_id = request.job_id
-        if job_id in self._streams or job_id in self._acquiring:
-            raise JobFailed(f"job {job_id} is already running")
-        self._acquiring.add(job_id)
-        try:
-            send, owner = await self._acquire()
-        finally:
-            self._acquiring.discard(job_id)
-            cancelled_early = job_id in self._cancelled_early
-            self._cancelled_early.discard(job_id)
-        if cancelled_early:  # cancelled while it waited for a worker to come up
-            yield GenerationResult(finish_reason="cancelled", prompt_tokens=0, completion_tokens=0)
-            return
-        entry = self._streams.open(job_id, owner, send)
-        finished = False
-        try:
-            send(protocol.Submit(job_id, request.messages, request.settings))
-            while True:
-                item = await entry.queue.get()
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                if isinstance(item, GenerationResult):
-                    finished = True
-                    yield item
-                    return
-                yield item
-        finally:
-            self._streams.close(job_id, entry)
-            if not finished:
-                # The caller walked away from the stream (or was cancelled): free the batch row.
-                send(protocol.Cancel(job_id))
-
-    async def cancel(self, job_id: int) -> None:
-        entry = self._streams.get(job_id)
-        if entry is not None:
-            entry.send(protocol.Cancel(job_id))
-        elif job_id in self._acquiring:
-            self._cancelled_early.add(job_id)
-
-    def _stream_stats(self) -> dict[str, object]:
-        return {"batches": self._streams.batches, "largest_batch": self._streams.largest_batch}
 
 
 class _Worker:
@@ -243,6 +88,8 @@ class SubprocessGenerationClient(WorkerClientBase):
         await client.stop()
 
     `command` replaces the worker's command line (a wrapper such as `nice`, or a fake worker).
+    `ignore_eos` is for benchmarks only (bench/throughput.py): every worker it starts runs each reply
+    to max_new_tokens, ignoring end-of-turn tokens, so every reply has the same length.
     """
 
     def __init__(
@@ -251,11 +98,13 @@ class SubprocessGenerationClient(WorkerClientBase):
         *,
         command: Sequence[str] | None = None,
         stop_timeout: float = 10.0,
+        ignore_eos: bool = False,
     ) -> None:
         super().__init__()
         self._settings = settings
         self._command = list(command) if command else [sys.executable, "-m", "bot.worker"]
         self._stop_timeout = stop_timeout
+        self._ignore_eos = ignore_eos
         self._worker: _Worker | None = None
         self._available: asyncio.Future[_Worker] | None = None
         self._model_info: ModelInfo | None = None
@@ -317,10 +166,10 @@ class SubprocessGenerationClient(WorkerClientBase):
             await self._join(worker)
         self._streams.fail(lambda: WorkerDead("the generation client was stopped"))
 
-    async def health(self) -> WorkerHealth:
+    async def health(self) -> BackendHealth:
         worker = self._worker
         alive = self._state == "ready" and worker is not None and worker.running
-        return WorkerHealth(
+        return BackendHealth(
             alive=alive,
             model=self._model_info,
             running_jobs=len(self._streams),
@@ -364,7 +213,7 @@ class SubprocessGenerationClient(WorkerClientBase):
     def _worker_environment(self) -> dict[str, str]:
         env = dict(os.environ)
         # `-m bot.worker` must find this very package even when the bot was started elsewhere.
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])  # the folder that holds the `bot` package
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -387,7 +236,7 @@ class SubprocessGenerationClient(WorkerClientBase):
         log.info("started the worker process (pid %d); loading %s", worker.pid, self._settings.model.model)
         worker.stderr_reader = asyncio.create_task(self._forward_stderr(worker), name=f"worker-{worker.pid}-stderr")
         worker.reader = asyncio.create_task(self._read_messages(worker), name=f"worker-{worker.pid}-reader")
-        worker.send(protocol.Configure(self._settings.model, self._settings.worker))
+        worker.send(protocol.Configure(self._settings.model, self._settings.worker, ignore_eos=self._ignore_eos))
         timeout = self._settings.worker.ready_timeout
         try:
             info = await asyncio.wait_for(asyncio.shield(worker.ready), timeout)
@@ -469,7 +318,7 @@ class SubprocessGenerationClient(WorkerClientBase):
             worker.last_progress = message.text  # the worker logs it on stderr, which we forward
         elif isinstance(message, protocol.Ready):
             if not worker.ready.done():
-                worker.ready.set_result(message.to_model_info())
+                worker.ready.set_result(message.info)
         elif isinstance(message, protocol.Fatal):
             worker.fatal = message.message
         elif isinstance(message, protocol.Pong):

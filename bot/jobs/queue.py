@@ -1,37 +1,33 @@
-"""GenerationQueue: persisted jobs, fair dispatch to the worker, replies streamed to adapters.
+"""GenerationQueue: persisted jobs, fair dispatch to the backend, replies streamed to adapters.
 
 Jobs live in the database (queued → running → done | failed | cancelled), so a crash loses
-none: at start-up every job left `running` is queued again. At most one job per conversation
-runs at a time (its history must stay in order); across conversations the queue goes round-robin
-(the conversation served longest ago goes first), up to the worker's batch size at once.
+none: at start-up every job left `running` is queued again. The order is `FairScheduler`'s (at
+most one job per conversation at a time, round-robin across conversations, suspects alone); one
+attempt at a job is `JobAttempts.run`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from bot.conversation import messages
-from bot.core.errors import BackendDown, JobFailed, StorageError
-from bot.generation.client import GenerationRequest, GenerationResult, TextDelta
-from bot.conversation.history import build_chat, effective_settings
-from bot.core.types import ConversationKey, IncomingMessage, JobStatus
+from bot.core.config import QueueSettings
+from bot.core.context import current_job
+from bot.core.contracts import Adapter
+from bot.core.errors import StorageError
+from bot.core.types import IncomingMessage, JobStatus
+from bot.generation.client import GenerationClient
+from bot.jobs.attempt import AttemptOutcome, AttemptPolicy, JobAttempts
+from bot.jobs.scheduler import FairScheduler, QueuedJob
 
 if TYPE_CHECKING:
-    from adapters.base import Adapter, ReplyStream
     from storage import Repository
 
-    from bot.core.config import Settings
-    from bot.generation.client import GenerationClient
-
-__all__ = ["GenerationQueue", "current_job"]
-
-# The job being worked on, for log lines written anywhere beneath `_run_job` (see bot.runtime.cli).
-current_job: contextvars.ContextVar[int | None] = contextvars.ContextVar("parley_job", default=None)
+__all__ = ["GenerationQueue"]
 
 log = logging.getLogger("parley.queue")
 
@@ -42,25 +38,31 @@ class GenerationQueue:
     """Owns every job from enqueue to its final reply."""
 
     def __init__(
-        self, settings: Settings, repo: Repository, client: GenerationClient, adapters: Mapping[str, Adapter]
+        self,
+        repo: Repository,
+        client: GenerationClient,
+        adapters: Mapping[str, Adapter],
+        *,
+        limits: QueueSettings,
+        policy: AttemptPolicy,
+        max_batch: int,
     ) -> None:
-        self.settings = settings
         self.repo = repo
         self.client = client
-        self.adapters = adapters
+        self.limits = limits
+        self.max_batch = max_batch
+        self.attempts = JobAttempts(repo, client, adapters, policy)
+        self.scheduler = FairScheduler()
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
         self._heartbeat: asyncio.Task | None = None
         self._tasks: dict[int, asyncio.Task] = {}
         self._running_conversations: dict[int, int] = {}  # job id → conversation id
-        self._streams: dict[int, ReplyStream] = {}  # kept across retries after a worker death
         self._waiters: dict[int, list[asyncio.Future[str]]] = defaultdict(list)
-        self._served = 0
-        self._last_served: dict[int, int] = {}  # conversation id → dispatch counter
-        self._cancelled: set[int] = set()
-        self._isolated: int | None = None  # a job running alone after a worker death
+        self._isolated: int | None = None  # a suspect running alone after a backend went down
         self._parked: set[int] = set()  # conversations of platforms not running in this process
-        self.stats = {"dispatched": 0, "done": 0, "failed": 0, "cancelled": 0, "retried": 0}
+        self.stats: Counter[str] = Counter()
+        """Jobs that reached a final state here, by status ("done", "failed", "cancelled")."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -92,7 +94,7 @@ class GenerationQueue:
     @property
     def capacity(self) -> int:
         info = self.client.model_info
-        return info.max_batch if info else self.settings.worker.max_batch
+        return info.max_batch if info else self.max_batch
 
     async def enqueue(self, conversation_id: int, message: IncomingMessage, text: str):  # noqa: ANN201
         """Record the user's message and queue a job for it, in one transaction. Returns
@@ -105,9 +107,9 @@ class GenerationQueue:
             text=text,
             platform_message_id=message.message_id,
             reply_to=message.reply_to,
-            max_pending=self.settings.queue.max_pending,
-            max_pending_per_conversation=self.settings.queue.max_pending_per_conversation,
-            max_pending_per_user=self.settings.queue.max_pending_per_user,
+            max_pending=self.limits.max_pending,
+            max_pending_per_conversation=self.limits.max_pending_per_conversation,
+            max_pending_per_user=self.limits.max_pending_per_user,
         )
         if created:
             self._wake.set()
@@ -121,7 +123,7 @@ class GenerationQueue:
             self._resolve(job_id, JobStatus.CANCELLED.value)
         running = [job for job, conv in self._running_conversations.items() if conv == conversation_id]
         for job_id in running:
-            self._cancelled.add(job_id)
+            self.attempts.cancelled(job_id)
             await self.client.cancel(job_id)
         return archived, len(cancelled_ids) + len(running)
 
@@ -137,23 +139,18 @@ class GenerationQueue:
         return await self.repo.pending_count()
 
     async def dispatch_order(self) -> list[int]:
-        """Queued job ids in the order they will be dispatched (round-robin by conversation)."""
-        per_conversation: dict[int, list[int]] = defaultdict(list)
-        for job in await self.repo.queued_jobs():
-            per_conversation[job.conversation_id].append(job.id)
-        conversations = sorted(per_conversation, key=lambda c: (self._last_served.get(c, -1), per_conversation[c][0]))
-        order: list[int] = []
-        depth = max((len(v) for v in per_conversation.values()), default=0)
-        for round_ in range(depth):
-            order += [per_conversation[c][round_] for c in conversations if round_ < len(per_conversation[c])]
-        return order
+        """Queued job ids in the order they will be dispatched: the scheduler's one order."""
+        return [job.id for job in await self._order()]
 
     async def position_of(self, job_id: int) -> int | None:
         """1 for a running job or the next to go, 2 for the one after, ...; None if not pending."""
         if job_id in self._running_conversations:
             return 1
-        order = await self.dispatch_order()
-        return order.index(job_id) + 1 if job_id in order else None
+        return FairScheduler.position(await self._order(), job_id)
+
+    async def _order(self) -> list[QueuedJob]:
+        queued = [QueuedJob(job.id, job.conversation_id, job.attempts) for job in await self.repo.queued_jobs()]
+        return self.scheduler.order(queued, parked=self._parked)
 
     async def position_for_author(self, conversation_id: int, author_id: str) -> int | None:
         for job in await self.repo.pending_jobs_for(conversation_id):
@@ -190,11 +187,9 @@ class GenerationQueue:
     async def _heartbeat_loop(self) -> None:
         """Several bot processes may share one database: this process's running jobs carry its
         heartbeat, and a sibling that died (its heartbeat stale) has its jobs taken over here."""
-        from storage import HEARTBEAT_INTERVAL
-
         beats = 0
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL.total_seconds())
+            await asyncio.sleep(self.repo.heartbeat_interval.total_seconds())
             beats += 1
             try:
                 await self.repo.heartbeat()
@@ -220,142 +215,49 @@ class GenerationQueue:
                 self._wake.set()
 
     async def _dispatch_ready_jobs(self) -> None:
-        if self._isolated is not None:
-            return  # a suspect runs alone
-        queued = [job for job in await self.repo.queued_jobs() if job.conversation_id not in self._parked]
-        # A job that was in the worker when it died is a suspect: it may be the one that kills
-        # it. Suspects run alone, after the running batch drains, so a poisoned job fails by
-        # itself (after max_attempts) and never takes the other conversations' jobs down with it.
-        suspect = next((job for job in queued if job.attempts > 0), None)
-        if suspect is not None:
-            if not self._tasks:
-                self._isolated = suspect.id
-                log.info("job %d was in a worker that died; running it alone", suspect.id)
-                self._launch(suspect.id, suspect.conversation_id)
-            return
-        free = self.capacity - len(self._tasks)
-        if free <= 0:
-            return
-        busy = set(self._running_conversations.values())
-        for job_id, conversation_id in self._next_jobs(queued, busy, free):
-            self._launch(job_id, conversation_id)
+        order = await self._order()
+        picks = self.scheduler.pick(
+            order,
+            busy_conversations=set(self._running_conversations.values()),
+            running=len(self._tasks),
+            capacity=self.capacity,
+            isolated=self._isolated is not None,
+        )
+        for job in picks:
+            if job.suspect:
+                self._isolated = job.id
+                log.info("job %d was in a backend that went down; running it alone", job.id)
+            self._launch(job.id, job.conversation_id)
 
     def _launch(self, job_id: int, conversation_id: int) -> None:
-        self._served += 1
-        self._last_served[conversation_id] = self._served
+        self.scheduler.served(conversation_id)
         self._running_conversations[job_id] = conversation_id
         self._tasks[job_id] = asyncio.create_task(self._run_job(job_id, conversation_id), name=f"parley-job-{job_id}")
-        self.stats["dispatched"] += 1
-
-    def _next_jobs(self, queued: list, busy: set[int], free: int) -> list[tuple[int, int]]:
-        """The first queued job of each idle conversation, least recently served first."""
-        first: dict[int, int] = {}
-        for job in queued:
-            if job.conversation_id not in busy and job.conversation_id not in first:
-                first[job.conversation_id] = job.id
-        ordered = sorted(first, key=lambda c: (self._last_served.get(c, -1), first[c]))
-        return [(first[c], c) for c in ordered[:free]]
 
     async def _run_job(self, job_id: int, conversation_id: int) -> None:
         current_job.set(job_id)  # this task's own context: every log line below carries the job
-        final: str | None = None
+        outcome: AttemptOutcome | None = None
         try:
-            final = await self._generate(job_id, conversation_id)
+            outcome = await self.attempts.run(job_id, conversation_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("job %d failed unexpectedly", job_id)
             await self.repo.fail_job(job_id, f"internal error: {type(exc).__name__}")
-            await self._notify_failure(job_id, messages.JOB_CRASHED)
-            final = JobStatus.FAILED.value
+            await self.attempts.notify_failure(job_id, messages.JOB_CRASHED)
+            outcome = AttemptOutcome.FAILED
         finally:
             self._tasks.pop(job_id, None)
             self._running_conversations.pop(job_id, None)
             if self._isolated == job_id:
                 self._isolated = None
-            if final is not None:
-                self._streams.pop(job_id, None)
-                self._cancelled.discard(job_id)
-                self._resolve(job_id, final)
-                self.stats[final] = self.stats.get(final, 0) + 1
+            if outcome is AttemptOutcome.PARKED:
+                self._parked.add(conversation_id)
+            if outcome is not None and outcome.final:
+                self.attempts.forget(job_id)
+                self._resolve(job_id, outcome.value)
+                self.stats[outcome.value] += 1
             self._wake.set()
-
-    async def _generate(self, job_id: int, conversation_id: int) -> str | None:
-        """Run one attempt of a job; returns its final status, or None when it was queued again."""
-        conversation = await self.repo.get_conversation(conversation_id)
-        adapter = self.adapters.get(conversation.platform)
-        if adapter is None:
-            # Accepted while that platform ran; it waits, queued, until the platform is back.
-            self._parked.add(conversation_id)
-            log.warning("conversation %d waits: the %s adapter is not running", conversation_id, conversation.platform)
-            return None
-        job = await self.repo.get_job(job_id)
-        trigger = await self.repo.get_message(job.message_id)
-        history = await self.repo.history(conversation_id, up_to_message_id=job.message_id)
-        chat = build_chat(conversation, history, self.settings.bot.system_prompt)
-        settings = effective_settings(conversation, self.settings.generation)
-        if not await self.repo.mark_running(job_id, [m.to_dict() for m in chat]):
-            return None  # cancelled between dispatch and now
-        key = ConversationKey(conversation.platform, conversation.key)
-        stream = self._streams.get(job_id)
-        if stream is None:
-            # After a crash, the messages the interrupted attempt posted are edited, not reposted.
-            resume = job.reply_platform_ids or ()
-            stream = await adapter.open_reply(key, trigger.platform_message_id if trigger else None, resume)
-            self._streams[job_id] = stream
-        text = ""
-        result: GenerationResult | None = None
-        saved_ids = list(job.reply_platform_ids or ())
-        try:
-            async for event in self.client.submit(GenerationRequest(job_id, chat, settings)):
-                if isinstance(event, TextDelta):
-                    text += event.text
-                    if text.strip():
-                        await stream.update(text.lstrip())  # as the final reply will be: stripped
-                        if stream.posted_ids != saved_ids:  # a new message was posted: remember it
-                            saved_ids = stream.posted_ids
-                            await self.repo.set_reply_platform_ids(job_id, saved_ids)
-                else:
-                    result = event
-        except BackendDown as exc:
-            attempts = await self.repo.requeue_job(job_id, f"worker died: {exc}")
-            if attempts >= self.settings.worker.max_attempts:
-                log.error("job %d: the worker died %d times while answering it; giving up", job_id, attempts)
-                await self.repo.fail_job(job_id, f"worker died {attempts} times")
-                await stream.fail(messages.backend_gave_up(attempts))
-                return JobStatus.FAILED.value
-            log.warning("job %d: the worker died (attempt %d of %d); it will be retried", job_id, attempts, self.settings.worker.max_attempts)
-            self.stats["retried"] += 1
-            return None
-        except JobFailed as exc:
-            await self.repo.fail_job(job_id, str(exc))
-            await stream.fail(messages.job_failed(str(exc)))
-            return JobStatus.FAILED.value
-        if job_id in self._cancelled or (result is not None and result.finish_reason == "cancelled"):
-            await self.repo.cancel_job(job_id)
-            if text.strip():
-                await stream.finish(f"{text}\n{messages.STOPPED}")
-            else:
-                await stream.fail(messages.STOPPED)
-            return JobStatus.CANCELLED.value
-        reply = text.strip() or messages.EMPTY_REPLY
-        platform_ids = await stream.finish(reply)
-        await self.repo.finish_job(
-            job_id,
-            reply_text=reply,
-            author_id="parley",
-            author_name=self.settings.bot.name,
-            platform_message_id=platform_ids[0] if platform_ids else None,
-        )
-        return JobStatus.DONE.value
-
-    async def _notify_failure(self, job_id: int, notice: str) -> None:
-        stream = self._streams.get(job_id)
-        if stream is not None:
-            try:
-                await stream.fail(notice)
-            except Exception:
-                log.exception("could not tell the user that job %d failed", job_id)
 
     def _resolve(self, job_id: int, status: str) -> None:
         for future in self._waiters.pop(job_id, []):

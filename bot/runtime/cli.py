@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from bot.core.config import Settings, load_settings
 from bot.core.errors import ParleyError
+from bot.runtime.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -40,52 +40,6 @@ def _parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     config_commands.add_parser("check", help="validate the config file and print the settings in force")
     return parser
-
-
-class RedactingFormatter(logging.Formatter):
-    """Replaces every secret Parley holds (bot tokens, database URLs from the environment) with
-    "***" in each log line, tracebacks included, whatever library wrote it."""
-
-    def __init__(self, fmt: str, secrets: Sequence[str]) -> None:
-        super().__init__(fmt)
-        self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-
-class JobContext(logging.Filter):
-    """Adds ` job=N` to log lines written while a job is being worked on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from bot.jobs.queue import current_job
-
-        job = current_job.get()
-        record.job = f" job={job}" if job is not None else ""
-        return True
-
-
-def _secrets(settings: Settings) -> list[str]:
-    names = [settings.telegram.token_env, settings.discord.token_env, settings.storage.url_env]
-    values = [os.environ.get(name, "") for name in names if name]
-    return [v.strip() for v in values if v.strip()]
-
-
-def _setup_logging(settings: Settings, *, quiet: bool, verbose: bool) -> None:
-    level = logging.DEBUG if verbose else (logging.WARNING if quiet else getattr(logging, settings.bot.log_level))
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if settings.bot.log_file:
-        handlers.append(logging.FileHandler(settings.bot.log_file, encoding="utf-8"))
-    formatter = RedactingFormatter("%(asctime)s %(levelname)s %(name)s%(job)s: %(message)s", _secrets(settings))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        handler.addFilter(JobContext())
-    logging.basicConfig(level=level, handlers=handlers, force=True)
-    # httpx logs every request URL at INFO, and Telegram's URLs carry the bot token.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _log_unexpected(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -118,7 +72,7 @@ async def _serve(settings: Settings, *, console_conversation: str | None, consol
     async with ParleyApp(settings, adapters) as app:
         if console is not None and app.client.model_info is not None:
             info = app.client.model_info
-            print(f"Ready: {info.name} on {info.device} ({info.dtype}, {info.quantization}) in {info.load_seconds:.1f} s", file=sys.stderr, flush=True)
+            print(f"Ready: {info.name} ({info.how()}) in {info.load_seconds:.1f} s", file=sys.stderr, flush=True)
         waits = [asyncio.create_task(stop.wait())]
         if console is not None and len(adapters) == 1:
             # The terminal alone: end of input or /exit ends Parley. Beside other platforms, the
@@ -148,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParleyError as exc:
         print(f"parley: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings, quiet=args.command in ("chat", "doctor"), verbose=args.verbose)
+    setup_logging(settings, quiet=args.command in ("chat", "doctor"), verbose=args.verbose)
     try:
         if args.command == "db":
             from storage import upgrade_database

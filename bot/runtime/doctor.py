@@ -54,7 +54,7 @@ async def _model(settings: Settings) -> str:
             reply += getattr(item, "text", "")
     assert info is not None
     return (
-        f"{info.name} ({info.quantization}, {info.dtype}, on {info.device}) loaded in {info.load_seconds:.1f} s "
+        f"{info.name} ({info.how()}) loaded in {info.load_seconds:.1f} s "
         f"and answered {reply.strip()[:40]!r} ({time.monotonic() - started:.1f} s in all)"
     )
 

@@ -4,7 +4,7 @@ import logging
 import os
 import sys
 
-from bot.worker.engine import main
+from bot.worker.server import main
 
 code = main()
 logging.shutdown()

@@ -1,0 +1,58 @@
+"""Logging for the bot process: one format, ` job=N` on lines written while a job is worked on,
+and every secret Parley holds redacted from every line, whatever library wrote it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from bot.core.config import Settings
+from bot.core.context import current_job
+
+__all__ = ["setup_logging", "RedactingFormatter", "JobContext"]
+
+
+class RedactingFormatter(logging.Formatter):
+    """Replaces every secret Parley holds (bot tokens, database URLs from the environment) with
+    "***" in each log line, tracebacks included, whatever library wrote it."""
+
+    def __init__(self, fmt: str, secrets: Sequence[str]) -> None:
+        super().__init__(fmt)
+        self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+class JobContext(logging.Filter):
+    """Adds ` job=N` to log lines written while a job is being worked on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        job = current_job.get()
+        record.job = f" job={job}" if job is not None else ""
+        return True
+
+
+def _secrets(settings: Settings) -> list[str]:
+    names = [settings.telegram.token_env, settings.discord.token_env, settings.storage.url_env]
+    values = [os.environ.get(name, "") for name in names if name]
+    return [v.strip() for v in values if v.strip()]
+
+
+def setup_logging(settings: Settings, *, quiet: bool, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet else getattr(logging, settings.bot.log_level))
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings.bot.log_file:
+        handlers.append(logging.FileHandler(settings.bot.log_file, encoding="utf-8"))
+    formatter = RedactingFormatter("%(asctime)s %(levelname)s %(name)s%(job)s: %(message)s", _secrets(settings))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(JobContext())
+    logging.basicConfig(level=level, handlers=handlers, force=True)
+    # httpx logs every request URL at INFO, and Telegram's URLs carry the bot token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
