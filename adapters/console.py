@@ -10,9 +10,11 @@ import sys
 import threading
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from bot.core.contracts import Outcome
+from bot.core.config import default_data_dir
+from bot.core.contracts import Attachment, Outcome
 from bot.core.types import Author, ConversationKey, IncomingMessage
 
 from .base import Adapter, Core, ReplyStream
@@ -74,8 +76,11 @@ class ConsoleAdapter(Adapter):
         bot_name: str = "Parley",
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
+        export_dir: str | Path | None = None,
     ) -> None:
         self.conversation = ConversationKey(self.platform, conversation)
+        self.export_dir = Path(export_dir) if export_dir is not None else default_data_dir() / "exports"
+        """Where files the bot answers with (/export) are written; their path is printed."""
         self.user_name = user_name or _login_name()
         self.bot_name = bot_name
         self.stdin = stdin or sys.stdin
@@ -148,10 +153,20 @@ class ConsoleAdapter(Adapter):
                 result = await core.handle(self._incoming(text))
                 if result.reply:
                     self._print(f"{result.reply}\n")
+                if result.attachment is not None:
+                    self._print(f"{self._save(result.attachment)}\n")
                 if result.outcome is Outcome.QUEUED and result.job_id is not None:
                     await core.wait_for(result.job_id)
         finally:
             self.closed.set()
+
+    def _save(self, attachment: Attachment) -> Path:
+        """Write a file the bot answered with into `export_dir` (readable by this user only)."""
+        self.export_dir.mkdir(parents=True, exist_ok=True)
+        path = self.export_dir / Path(attachment.filename).name
+        path.write_bytes(attachment.data)
+        path.chmod(0o600)
+        return path
 
     def _incoming(self, text: str) -> IncomingMessage:
         return IncomingMessage(

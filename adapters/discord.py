@@ -6,6 +6,10 @@ answers every message; in a server, when mentioned, when a message replies to on
 messages, or any message in a configured channel. Admins steer it with slash commands. Every
 message the bot sends carries `allowed_mentions` that ping nobody. No discord.py object passes
 this module's edge.
+
+This module holds `DiscordAdapter`: lifecycle, receiving messages, admin checks, replies. It
+inherits the slash commands from `adapters.discord_commands`, and from `adapters.discord_catch_up`
+the reading back of what was sent while the bot was away (Discord does not redeliver it).
 """
 
 # No `from __future__ import annotations` here: discord.py reads the slash commands' parameter
@@ -13,21 +17,24 @@ this module's edge.
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import discord
 from discord import app_commands
 
-from bot.conversation import COMMANDS, Access, Argument, Command, messages
+from bot.conversation import messages, parse_command
 from bot.core.contracts import Outcome
 from bot.core.errors import AdapterError
 from bot.core.types import Author, ConversationKey, IncomingMessage
 
 from .base import Adapter, Core, EditingReplyStream, EditThrottle, ReplyStream, split_markdown
+from .discord_catch_up import CATCH_UP_LIMIT as CATCH_UP_LIMIT, CATCH_UP_OVERLAP as CATCH_UP_OVERLAP, DiscordCatchUp
+from .discord_commands import ADMIN_PERMISSIONS as ADMIN_PERMISSIONS, MAX_LENGTH as MAX_LENGTH, NO_PINGS as NO_PINGS
+from .discord_commands import DiscordCommands, attachment_file
+from .lease import LeaseKeeper, account_role
 
 if TYPE_CHECKING:
     from bot.core.config import DiscordSettings, Settings
@@ -36,59 +43,8 @@ __all__ = ["DiscordAdapter"]
 
 log = logging.getLogger("parley.discord")
 
-MAX_LENGTH = 2000
 TEXT_ONLY = messages.TEXT_ONLY
-NO_PINGS = discord.AllowedMentions.none()
 ANSWER_WITHIN = 2.0  # Discord wants an interaction answered within 3 s; past this, defer first
-ADMIN_PERMISSIONS = discord.Permissions(manage_guild=True)
-"""Commands for admins are hidden from others by default (server settings can change that)."""
-
-
-def _option_annotation(argument: Argument) -> Any:
-    """The annotation discord.py reads an option's type, range and requiredness from."""
-    kind: Any = argument.type
-    if argument.minimum is not None or argument.maximum is not None:
-        bound = int if kind is int else float
-        low = None if argument.minimum is None else bound(argument.minimum)
-        high = None if argument.maximum is None else bound(argument.maximum)
-        kind = app_commands.Range[kind, low, high]
-    return kind if argument.required else Optional[kind]
-
-
-def _slash_callback(adapter: "DiscordAdapter", command: Command, variant: Optional[str], arguments: Sequence[Argument]):  # noqa: ANN202
-    """A callback whose signature declares `arguments` as options; it runs the command's text form."""
-
-    async def callback(interaction: discord.Interaction, **values: Any) -> None:
-        await adapter._run_command(interaction, command.text_for(variant, values))
-
-    interaction = inspect.Parameter("interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction)
-    options = [
-        inspect.Parameter(
-            a.name,
-            inspect.Parameter.KEYWORD_ONLY,
-            annotation=_option_annotation(a),
-            default=inspect.Parameter.empty if a.required else None,
-        )
-        for a in arguments
-    ]
-    callback.__signature__ = inspect.Signature([interaction, *options])  # type: ignore[attr-defined]
-    callback.__discord_app_commands_param_description__ = {a.name: a.description for a in arguments}  # type: ignore[attr-defined]
-    return callback
-
-
-def _slash_command(adapter: "DiscordAdapter", command: Command) -> "app_commands.Command | app_commands.Group":
-    """One declaration → a slash command, or a group of sub-commands for a command with variants."""
-    admin_only = ADMIN_PERMISSIONS if command.access is not Access.EVERYONE else None
-    if command.variants:
-        group = app_commands.Group(name=command.name, description=command.short_description, default_permissions=admin_only)
-        for variant in command.variants:
-            callback = _slash_callback(adapter, command, variant.name, variant.arguments)
-            group.add_command(app_commands.Command(name=variant.name, description=variant.description, callback=callback))
-        return group
-    callback = _slash_callback(adapter, command, None, command.arguments)
-    slash = app_commands.Command(name=command.name, description=command.short_description, callback=callback)
-    slash.default_permissions = admin_only
-    return slash
 
 
 class _DiscordStream(EditingReplyStream):
@@ -136,8 +92,11 @@ class _Client(discord.Client):
         await self.adapter._sync_commands(self.tree)
 
     async def on_ready(self) -> None:
+        # After IDENTIFY only (a start, or a session that could not resume; RESUME replays what
+        # was missed, IDENTIFY does not): read back what was sent meanwhile.
         log.info("Discord: connected as %s (%s) in %d server(s)", self.user, self.user.id, len(self.guilds))
         self.ready.set()
+        self.adapter._catch_up_soon()
 
     # discord.py runs every event handler as its own task. Taking the channel's lock before the
     # first await keeps one channel's creates, edits and deletes in gateway order (asyncio runs
@@ -159,7 +118,23 @@ class _Client(discord.Client):
         log.exception("error in the Discord event handler for %s", event)
 
 
-class DiscordAdapter(Adapter):
+class _ChannelLock:
+    """A channel's lock, and how many event handlers hold it or wait for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+
+def _is_export(text: str) -> bool:
+    command = parse_command(text)
+    return command is not None and command.name == "export"
+
+
+class DiscordAdapter(DiscordCommands, DiscordCatchUp, Adapter):
     """Parley on Discord. Build with `from_config`; the token is read from the environment."""
 
     platform = "discord"
@@ -175,11 +150,40 @@ class DiscordAdapter(Adapter):
         self.client: Optional[_Client] = None
         self.core: Optional[Core] = None
         self._task: Optional[asyncio.Task] = None
+        self._lease: Optional[LeaseKeeper] = None
         self._background: set[asyncio.Task] = set()
-        self._channel_locks: dict[int, asyncio.Lock] = {}
+        self._channel_locks: dict[int, _ChannelLock] = {}
+        self._catching_up: Optional[asyncio.Task] = None
+        self.catch_up_runs = 0
+        """How many times a fresh gateway session started a catch-up."""
+        self.caught_up = asyncio.Event()
+        """Set when the latest catch-up has ended."""
 
-    def channel_lock(self, channel_id: int) -> asyncio.Lock:
-        return self._channel_locks.setdefault(channel_id, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def channel_lock(self, channel_id: int) -> AsyncIterator[None]:
+        """Hold one channel's lock. Handlers get it in the order they asked (the first wait comes
+        before any other await); it is dropped once nobody holds or waits for it."""
+        entry = self._channel_locks.get(channel_id)
+        if entry is None:
+            entry = self._channel_locks[channel_id] = _ChannelLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._channel_locks[channel_id]
+
+    @property
+    def connected(self) -> bool:
+        """The gateway session is ready and not closed; a standby (another process holds the
+        gateway lease) counts as connected: it is ready to take over."""
+        lease = getattr(self, "_lease", None)
+        if lease is not None and not lease.held:
+            return True
+        client = self.client
+        return client is not None and client.is_ready() and not client.is_closed()
 
     @classmethod
     def from_config(cls, settings: "Settings", **client_options: object) -> "DiscordAdapter":
@@ -192,12 +196,37 @@ class DiscordAdapter(Adapter):
         self.core = core
         client = _Client(self, **self._client_options)
         self.client = client
-        self._task = asyncio.create_task(client.start(self._token), name="parley-discord")
+        lease = None
+        if getattr(core, "lease", None) is not None:
+            # One gateway session per token: processes sharing the database connect in turn, by
+            # lease; every one of them logs in over HTTP, so each sends replies and runs jobs.
+            lease = self._lease = LeaseKeeper(
+                core, account_role(self.platform, self._token), self.config.lease_seconds, what="Discord gateway", log=log
+            )
+            self._task = asyncio.create_task(self._run_leased(client, lease), name="parley-discord")
+        else:
+            self._task = asyncio.create_task(client.start(self._token), name="parley-discord")
         ready = asyncio.ensure_future(client.ready.wait())
+        answered = asyncio.ensure_future(lease.answered.wait()) if lease is not None else None
+        waiting = {ready, self._task, *([answered] if answered else [])}
+        deadline = asyncio.get_running_loop().time() + self.config.ready_timeout
         try:
-            await asyncio.wait({ready, self._task}, timeout=self.config.ready_timeout, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                done, _ = await asyncio.wait(waiting, timeout=max(remaining, 0), return_when=asyncio.FIRST_COMPLETED)
+                if answered is not None and answered in done and ready not in done and self._task not in done:
+                    waiting.discard(answered)
+                    if not lease.held:  # logged in; another process holds the gateway: standby
+                        break
+                    continue  # connecting: wait for READY
+                break
         finally:
             ready.cancel()
+            if answered is not None:
+                answered.cancel()
+        if lease is not None and lease.answered.is_set() and not lease.held and not self._task.done():
+            core.set_bot_username(self.platform, client.user.name)
+            return
         if self._task.done():
             error = self._task.exception()
             await self.stop()
@@ -211,10 +240,32 @@ class DiscordAdapter(Adapter):
             raise AdapterError(f"Discord did not become ready within {self.config.ready_timeout:g} s; raise [discord] ready_timeout or check the network")
         core.set_bot_username(self.platform, client.user.name)
 
+    async def _run_leased(self, client: _Client, lease: LeaseKeeper) -> None:
+        await client.login(self._token)  # HTTP only: enough to send replies
+        await lease.run(lambda: self._gateway(client))
+
+    async def _gateway(self, client: _Client) -> None:
+        """The gateway session, while this process holds the token's lease."""
+        try:
+            await client.connect(reconnect=True)
+        finally:
+            client.ready.clear()
+            client._ready.clear()  # discord.py's own flag behind is_ready()
+            if client.ws is not None and not client.is_closed():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(client.ws.close(code=1000))
+
     async def stop(self) -> None:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        lease, self._lease = getattr(self, "_lease", None), None
+        if lease is not None and self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, 10)
+            self._task = None
+            await lease.release()
         client, self.client = self.client, None
         if client is not None:
             await client.close()
@@ -275,21 +326,27 @@ class DiscordAdapter(Adapter):
                 return False
         return resolved.author.id == self.client.user.id
 
-    async def _on_message(self, message: discord.Message) -> None:
+    async def _on_message(self, message: discord.Message, *, may_answer: bool = True) -> Optional[Outcome]:
+        """Hand a message to the core; `may_answer=False` keeps it as context whoever it is for."""
         if self.core is None or self.client is None or message.author.bot or message.webhook_id is not None:
-            return  # bots, itself included, and webhooks are not people
+            return None  # bots, itself included, and webhooks are not people
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
-            return
+            return None
         direct = message.guild is None
         text = message.content or ""
         if not text.strip():
-            if direct and (message.attachments or message.stickers):
+            if may_answer and direct and (message.attachments or message.stickers):
                 await message.reply(TEXT_ONLY, allowed_mentions=NO_PINGS, mention_author=False)
-            return
+            return None
         mentioned = self.client.user in message.mentions
         if mentioned:
             text = self._strip_mention(text) or text
-        addressed = direct or mentioned or self._answers_everything_in(message.channel) or await self._replies_to_bot(message)
+        addressed = may_answer and (
+            direct or mentioned or self._answers_everything_in(message.channel) or await self._replies_to_bot(message)
+        )
+        if addressed and not direct and _is_export(text):  # the channel would see the file
+            await message.reply(messages.EXPORT_IN_PRIVATE, allowed_mentions=NO_PINGS, mention_author=False)
+            return None
         permissions = None if direct else message.channel.permissions_for(message.author)  # type: ignore[arg-type]
         incoming = IncomingMessage(
             conversation=self._conversation(message.channel.id),
@@ -306,13 +363,22 @@ class DiscordAdapter(Adapter):
             sent_at=message.created_at,
         )
         result = await self.core.handle(incoming)
-        if result.reply:
+        if result.attachment is not None and direct:
+            await message.reply(
+                result.reply or None, file=attachment_file(result.attachment), allowed_mentions=NO_PINGS, mention_author=False
+            )
+        elif result.reply:
             stream = _DiscordStream(self, message.channel, message.id)
             await stream.finish(result.reply)
         if result.outcome is Outcome.QUEUED and result.job_id is not None:
-            task = asyncio.create_task(self._typing_until_done(message.channel, result.job_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._typing_until_done(message.channel, result.job_id))
+        return result.outcome
+
+    def _in_background(self, work: Any, name: Optional[str] = None) -> asyncio.Task:
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _typing_until_done(self, channel: discord.abc.Messageable, job_id: int) -> None:
         assert self.core is not None
@@ -346,57 +412,7 @@ class DiscordAdapter(Adapter):
         if self.core is not None:
             await self.core.handle_delete(self._conversation(payload.channel_id), str(payload.message_id))
 
-    # -- slash commands --------------------------------------------------------------------------
+    # -- slash commands (`adapters.discord_commands`) ----------------------------------------------
 
-    def _register_commands(self, tree: app_commands.CommandTree) -> None:
-        """The slash tree, generated from the core's command declarations (`bot.conversation.COMMANDS`)."""
-        for command in COMMANDS:
-            tree.add_command(_slash_command(self, command))
-        assert {c.name for c in tree.get_commands()} == set(COMMANDS.names())
-
-    async def _sync_commands(self, tree: app_commands.CommandTree) -> None:
-        try:
-            if self.config.guild_ids:
-                for guild_id in self.config.guild_ids:
-                    guild = discord.Object(id=guild_id)
-                    tree.copy_global_to(guild=guild)
-                    await tree.sync(guild=guild)
-                log.info("Discord: slash commands registered in %d server(s)", len(self.config.guild_ids))
-            else:
-                await tree.sync()
-                log.info("Discord: slash commands registered globally (they can take up to an hour to appear)")
-        except discord.HTTPException as exc:
-            log.error("Discord: could not register the slash commands: %s", exc)
-
-    async def _run_command(self, interaction: discord.Interaction, text: str) -> None:
-        """Run a slash command through the core; answer at once, or defer if that takes long."""
-        assert self.core is not None
-        direct = interaction.guild_id is None
-        incoming = IncomingMessage(
-            conversation=self._conversation(interaction.channel_id),
-            message_id=f"interaction-{interaction.id}",
-            author=Author(
-                id=str(interaction.user.id),
-                name=interaction.user.display_name,
-                is_admin=self._is_admin(interaction.user, interaction.permissions, direct),
-            ),
-            text=text.strip(),
-            is_direct=direct,
-            addressed=True,
-        )
-        task = asyncio.ensure_future(self.core.handle(incoming))
-        done, _ = await asyncio.wait({task}, timeout=ANSWER_WITHIN)
-        deferred = not done
-        if deferred:
-            await interaction.response.defer(ephemeral=True, thinking=True)
-        result = await task
-        reply = result.reply or "Done."
-        private = result.private or result.outcome is Outcome.ERROR
-        chunks = split_markdown(reply, MAX_LENGTH)
-        if deferred:
-            for chunk in chunks:
-                await interaction.followup.send(chunk, ephemeral=True, allowed_mentions=NO_PINGS)
-            return
-        await interaction.response.send_message(chunks[0], ephemeral=private, allowed_mentions=NO_PINGS)
-        for chunk in chunks[1:]:
-            await interaction.followup.send(chunk, ephemeral=private, allowed_mentions=NO_PINGS)
+    def _answer_within(self) -> float:
+        return ANSWER_WITHIN  # read when a command runs, so that it can be changed at run time

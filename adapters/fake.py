@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from bot.core.contracts import Attachment
 from bot.core.types import Author, ConversationKey, IncomingMessage
 
 from .base import Adapter, Core, ReplyStream
@@ -37,10 +38,16 @@ class _FakeStream(ReplyStream):
         self.reply = reply
 
     async def update(self, text: str) -> None:
+        first = not self.posted_ids
         self.reply.updates.append(text)
+        if first:
+            await self.report_posted()
 
     async def finish(self, text: str) -> list[str]:
+        first = not self.posted_ids
         self.reply.text = text
+        if first:
+            await self.report_posted()
         return [self.reply.message_id]
 
     async def fail(self, notice: str) -> None:
@@ -61,7 +68,15 @@ class FakeAdapter(Adapter):
         self.platform = platform
         self.core: Core | None = None
         self.replies: list[FakeReply] = []
+        self.files: list[tuple[ConversationKey, Attachment]] = []
+        """Files the bot answered with (`/export`), as delivered by `say`."""
+        self.online = True
+        """What `connected` reports (tests turn it off to see /readyz fail)."""
         self._ids = itertools.count(1)
+
+    @property
+    def connected(self) -> bool:
+        return self.online and self.core is not None
 
     async def start(self, core: Core) -> None:
         self.core = core
@@ -100,7 +115,11 @@ class FakeAdapter(Adapter):
     async def say(self, text: str, **kwargs: object):  # noqa: ANN201 - RouteResult
         """Send `text` as a user (see `message` for the options); returns the router's result."""
         assert self.core is not None, "start the app first"
-        return await self.core.handle(self.message(text, **kwargs))  # type: ignore[arg-type]
+        message = self.message(text, **kwargs)  # type: ignore[arg-type]
+        result = await self.core.handle(message)
+        if result.attachment is not None:
+            self.files.append((message.conversation, result.attachment))
+        return result
 
     def replies_in(self, chat: str) -> list[FakeReply]:
         return [r for r in self.replies if r.conversation.key == chat]

@@ -10,12 +10,13 @@
 """
 
 from .db import Database, alembic_config, head_revision, mask_url, upgrade_database
-from .models import AuditEntry, Base, Conversation, Job, Message
+from .models import AuditEntry, Base, Conversation, HandledUpdateEntry, Job, Message
 from .repository import (
     DEFAULT_STALE_AFTER,
     GENERATION_KEYS,
     HEARTBEAT_INTERVAL,
     UNCHANGED,
+    HandledUpdate,
     RecordNotFound,
     Repository,
     Unchanged,
@@ -33,6 +34,8 @@ __all__ = [
     "Message",
     "Job",
     "AuditEntry",
+    "HandledUpdateEntry",
+    "HandledUpdate",
     "Repository",
     "RecordNotFound",
     "UNCHANGED",

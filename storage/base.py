@@ -7,8 +7,11 @@ combines them. Database failures surface as `StorageError`; a missing row is `Re
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
+import re
+import secrets
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -16,11 +19,12 @@ from datetime import timedelta
 from typing import Any, Final
 
 from sqlalchemy import Select, func, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.core.errors import StorageError
+from bot.core.errors import StorageError, StorageUnavailable
 from storage.db import WRITE_OPTION, _describe
 from storage.models import PENDING_STATUSES, Conversation, Job, Message, utcnow
 
@@ -47,35 +51,64 @@ HEARTBEAT_INTERVAL: Final = timedelta(seconds=20)
 _ENQUEUE_LOCK_KEY: Final = 0x7061726C6579  # "parley": the advisory lock of record_and_enqueue (PostgreSQL)
 
 
+_ACTIVE_OWNERS: set[str] = set()
+"""Owner ids of this process whose job queue runs now (`RepositoryBase.set_active`). Another id
+with this process's host, namespace and pid is an earlier start (gone); these are alive."""
+
+
 def _pid_namespace() -> str:
+    """This kernel boot and pid namespace ("<boot id>.<namespace inode>"): a pid means one process
+    only within it. Namespace inodes repeat across machines; boot ids do not."""
     try:
         link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
     except OSError:
         return "-"
-    return link.removeprefix("pid:[").removesuffix("]") or "-"
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+            boot = file.read().strip().replace("-", "")[:8]
+    except OSError:
+        return "-"
+    inode = link.removeprefix("pid:[").removesuffix("]")
+    return f"{boot}.{inode}" if boot and inode else "-"
 
 
-def default_owner() -> str:
-    """This process's instance id, "host:pid-namespace:pid".
+def default_owner(name: str = "") -> str:
+    """A new instance id, "host:pid-namespace:pid:random" ("name@host:…" with a configured name).
 
-    Stable for the life of the process; a process restarted in the same pid (a container's pid 1)
-    gets the same id, which `requeue_interrupted` reads as "my previous life".
+    Each call (each start of a bot process) gets its own: two containers that share a hostname and
+    both run as pid 1 never share an owner id. Host, namespace and pid stay readable, so a sibling
+    on this machine can tell that the process behind an id is gone (`requeue_interrupted`).
     """
-    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}"
+    base = f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}:{secrets.token_hex(4)}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")  # nothing that reads as a separator
+    return f"{name}@{base}" if name else base
+
+
+def _owner_process(owner: str) -> tuple[str, str, int] | None:
+    """(host, pid namespace, pid) of an owner id, with or without the name and the random part
+    (ids written before the random part was added have none); None for other formats."""
+    parts = owner.rpartition("@")[2].split(":")
+    if len(parts) not in (3, 4):
+        return None
+    try:
+        return parts[0], parts[1], int(parts[2])
+    except ValueError:
+        return None
 
 
 def _process_gone(owner: str) -> bool:
     """True only when `owner` is known to be a process of this machine (and pid namespace) that no
     longer exists. Unknown formats, other machines and live (or unknowable) pids are False."""
-    try:
-        host, namespace, pid_text = owner.rsplit(":", 2)
-        pid = int(pid_text)
-    except ValueError:
+    process = _owner_process(owner)
+    if process is None:
         return False
+    host, namespace, pid = process
     if host != socket.gethostname() or namespace != _pid_namespace() or namespace == "-" or pid <= 0:
         return False
     if pid == os.getpid():
-        return False  # that is us (handled as "previous life" by the caller)
+        # Our own pid in our own kernel and namespace: an earlier start (a container's pid 1
+        # restarted, an app started again in this process), unless its queue runs here now.
+        return owner not in _ACTIVE_OWNERS
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -105,14 +138,23 @@ class RecordNotFound(StorageError, LookupError):
 class RepositoryBase:
     """Parley's storage operations over an `async_sessionmaker` (`Database.sessions`).
 
-    `owner` identifies this bot process in `jobs.owner` (default: `default_owner()`); give each
-    process sharing a database its own. Running jobs are kept alive with `heartbeat()`.
+    `owner` identifies this bot process in `jobs.owner` (default: a new `default_owner()`, unique
+    to this start). Running jobs are kept alive with `heartbeat()`; storing a job's reply or
+    progress checks that this owner still holds it (`JobNotOwned` otherwise).
     """
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], *, owner: str | None = None) -> None:
         self._sessions = sessions
         self.owner = owner or default_owner()
         self.heartbeat_interval = HEARTBEAT_INTERVAL
+
+    def set_active(self, active: bool) -> None:
+        """The job queue says it runs (True) or stopped (False) this owner's jobs: while active,
+        siblings in this same process do not take its jobs for an earlier start's."""
+        if active:
+            _ACTIVE_OWNERS.add(self.owner)
+        else:
+            _ACTIVE_OWNERS.discard(self.owner)
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -124,8 +166,20 @@ class RepositoryBase:
                 # SQLite for writers (see storage.db), so read-then-write steps cannot interleave.
                 await session.connection(execution_options={WRITE_OPTION: write})
                 yield session
+        except StorageError:
+            raise
         except SQLAlchemyError as exc:
-            raise StorageError(f"database error: {_describe(exc)}") from exc
+            # An outage (wait and try again) is told apart from a fault of this call.
+            kind = StorageUnavailable if _is_outage(exc) else StorageError
+            raise kind(f"database error: {_describe(exc)}") from exc
+        except (OSError, asyncio.TimeoutError) as exc:  # a driver that could not connect at all (asyncpg)
+            raise StorageUnavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            # asyncpg raises its own errors while connecting (a server starting up or shutting
+            # down, too many connections), outside SQLAlchemy's wrapping: an outage too.
+            if not type(exc).__module__.startswith("asyncpg"):
+                raise
+            raise StorageUnavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _dialect(session: AsyncSession) -> str:
@@ -154,8 +208,10 @@ class RepositoryBase:
             return list((await session.scalars(query)).all())
 
     @staticmethod
-    async def _require(session: AsyncSession, model: type[Any], row_id: int) -> Any:
-        row = await session.get(model, row_id, populate_existing=True)
+    async def _require(session: AsyncSession, model: type[Any], row_id: int, *, lock: bool = False) -> Any:
+        """The row, read afresh; `lock`: held (FOR UPDATE on PostgreSQL) until the transaction ends,
+        for a check that the write after it relies on."""
+        row = await session.get(model, row_id, populate_existing=True, with_for_update=lock or None)
         if row is None:
             raise RecordNotFound(f"no {model.__name__.lower()} with id {row_id}")
         return row
@@ -191,3 +247,20 @@ class RepositoryBase:
             await session.execute(statement.where(Job.id.in_(ids)))
         return ids
 
+
+def _is_outage(error: BaseException) -> bool:
+    """Driver errors of a database that cannot be used for now: SQLite locked or full, a server
+    that refused or dropped the connection, a pool with no connection to give."""
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    outages = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
+    if isinstance(error, outages):
+        return True
+    # PostgreSQL's SQLSTATE says so when a wrapped driver error is one: class 08 (connection
+    # exceptions), 57P01-57P03 (shut down, crashed, "the database system is starting up"), 53300
+    # (too many connections), whatever exception class the driver or SQLAlchemy chose for it.
+    orig = getattr(error, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state is None and orig is not None:
+        state = getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+    return isinstance(state, str) and (state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"})

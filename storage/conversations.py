@@ -1,16 +1,20 @@
 """Storage of conversations, their messages and the admin audit trail.
 
-Every method is one transaction of its own. Results are ORM objects of `storage.models`, loaded
+Every method is one transaction of its own. The admin changes (reset, system prompt, settings,
+forget) take the platform update that asked for them (`handled=`, else the one
+`Repository.handling` names): the change, its audit row and the record of that update commit
+together, and an update handled before raises `UpdateAlreadyHandled` and changes nothing. Results are ORM objects of `storage.models`, loaded
 completely and detached from their session (`expire_on_commit=False`): read them freely, but
 changing an attribute changes nothing in the database — call a method here instead.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,15 +25,15 @@ from storage.base import (
     _ENQUEUE_LOCK_KEY,
     GENERATION_KEYS,
     UNCHANGED,
-    RepositoryBase,
     Unchanged,
 )
 from storage.models import AuditEntry, Conversation, Job, Message, utcnow
+from storage.updates import HandledUpdate, HandledUpdates, UpdateClaim
 
 __all__ = ["ConversationRecords"]
 
 
-class ConversationRecords(RepositoryBase):
+class ConversationRecords(HandledUpdates):
     """Conversations, messages (recorded, edited, archived, forgotten) and the audit trail."""
 
     # -- conversations --------------------------------------------------------------------------
@@ -59,11 +63,16 @@ class ConversationRecords(RepositoryBase):
         async with self._transaction(write=False) as session:
             return await session.get(Conversation, conversation_id)
 
-    async def set_system_prompt(self, conversation_id: int, text: str | None) -> Conversation:
+    async def set_system_prompt(
+        self, conversation_id: int, text: str | None, *, handled: HandledUpdate | None = None
+    ) -> Conversation:
         """Set the conversation's system prompt; None returns it to the configured default."""
-        return await self._update_conversation(conversation_id, {"system_prompt": text})
+        claim = self._claim_for(handled)
+        return await self._update_conversation(conversation_id, {"system_prompt": text}, claim, "system", repr(text))
 
-    async def set_generation(self, conversation_id: int, **values: float | int | None) -> Conversation:
+    async def set_generation(
+        self, conversation_id: int, *, handled: HandledUpdate | None = None, **values: float | int | None
+    ) -> Conversation:
         """Set any of temperature, top_p, max_new_tokens (None: back to the configured default).
 
         Ranges are the caller's to check (`bot.types.SETTING_RANGES`); unknown keys are a `ValueError`.
@@ -74,11 +83,23 @@ class ConversationRecords(RepositoryBase):
                 f"unknown generation setting(s) {', '.join(sorted(unknown))}; "
                 f"allowed: {', '.join(sorted(GENERATION_KEYS))}"
             )
-        return await self._update_conversation(conversation_id, values)
+        detail = " ".join(f"{key}={value}" for key, value in values.items())
+        return await self._update_conversation(conversation_id, values, self._claim_for(handled), "set", detail)
 
-    async def _update_conversation(self, conversation_id: int, values: dict[str, Any]) -> Conversation:
+    async def _update_conversation(
+        self, conversation_id: int, values: dict[str, Any], claim: UpdateClaim | None, action: str, detail: str
+    ) -> Conversation:
         async with self._transaction(write=True) as session:
             conversation = await self._require(session, Conversation, conversation_id)
+            before = {key: getattr(conversation, key) for key in values}
+            written: list[AuditEntry] = []
+            keep = lambda _session, row: written.append(row) if isinstance(row, AuditEntry) else None  # noqa: E731
+            event.listen(session.sync_session, "pending_to_persistent", keep)
+            try:
+                await self._claim(session, claim, conversation_id=conversation_id, action=action, detail=detail)
+            finally:
+                event.remove(session.sync_session, "pending_to_persistent", keep)
+            await self._record_audit_values(session, written, before, values)
             if values:
                 await session.execute(
                     update(Conversation)
@@ -90,14 +111,21 @@ class ConversationRecords(RepositoryBase):
             return conversation
 
     async def reset_conversation(
-        self, conversation_id: int, *, system_prompt: str | None | Unchanged = UNCHANGED
+        self,
+        conversation_id: int,
+        *,
+        system_prompt: str | None | Unchanged = UNCHANGED,
+        handled: HandledUpdate | None = None,
     ) -> tuple[int, list[int]]:
-        """Archive every message and cancel the conversation's queued jobs, in one transaction.
+        """Archive every message and cancel the conversation's queued and running jobs, in one
+        transaction.
 
-        Returns (messages archived, ids of the cancelled jobs). Running jobs are left alone: the
-        caller cancels them in the worker (and then `cancel_job`). With `system_prompt` (a text,
-        or None for the configured default), the prompt is replaced in the same transaction.
+        Returns (messages archived, ids of the cancelled jobs). A running job's cancellation is
+        its stored status: the process running it (any process) notices, stops the generation and
+        stores no reply. With `system_prompt` (a text, or None for the configured default), the
+        prompt is replaced in the same transaction.
         """
+        claim = self._claim_for(handled)
         async with self._transaction(write=True) as session:
             await self._require(session, Conversation, conversation_id)
             archived = await session.execute(
@@ -108,7 +136,7 @@ class ConversationRecords(RepositoryBase):
             )
             cancelled = await self._set_status(
                 session,
-                (Job.conversation_id == conversation_id, Job.status == JobStatus.QUEUED),
+                (Job.conversation_id == conversation_id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))),
                 status=JobStatus.CANCELLED,
                 finished_at=utcnow(),
             )
@@ -119,6 +147,9 @@ class ConversationRecords(RepositoryBase):
                     .values(system_prompt=system_prompt)
                     .execution_options(synchronize_session=False)
                 )
+            detail = f"archived={archived.rowcount} cancelled={len(cancelled)}"
+            detail += f" system={system_prompt!r}" if system_prompt is not UNCHANGED else ""
+            await self._claim(session, claim, conversation_id=conversation_id, action="reset", detail=detail)
             return archived.rowcount, cancelled
 
     # -- messages -------------------------------------------------------------------------------
@@ -203,9 +234,13 @@ class ConversationRecords(RepositoryBase):
             )
             return result.rowcount > 0
 
-    async def forget_author(self, conversation_id: int, author_id: str) -> tuple[int, list[int]]:
+    async def forget_author(
+        self, conversation_id: int, author_id: str, *, handled: HandledUpdate | None = None
+    ) -> tuple[int, list[int]]:
         """`/forget`: archive everything `author_id` wrote in the conversation and the bot's replies
-        to it, and cancel their queued jobs, in one transaction. Returns (archived, cancelled ids)."""
+        to it, and cancel their queued and running jobs (see `reset_conversation`), in one
+        transaction. Returns (archived, cancelled ids)."""
+        claim = self._claim_for(handled)
         async with self._transaction(write=True) as session:
             theirs = select(Message.id).where(
                 Message.conversation_id == conversation_id, Message.author_id == author_id, Message.role == Role.USER
@@ -220,10 +255,12 @@ class ConversationRecords(RepositoryBase):
             )
             cancelled = await self._set_status(
                 session,
-                [Job.message_id.in_(theirs), Job.status == JobStatus.QUEUED],
+                [Job.message_id.in_(theirs), Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))],
                 status=JobStatus.CANCELLED,
                 finished_at=utcnow(),
             )
+            detail = f"archived={result.rowcount} cancelled={len(cancelled)}"
+            await self._claim(session, claim, conversation_id=conversation_id, action="forget", detail=detail)
             return result.rowcount, cancelled
 
     async def get_message(self, message_id: int) -> Message | None:
@@ -236,6 +273,82 @@ class ConversationRecords(RepositoryBase):
         if up_to_message_id is not None:
             query = query.where(Message.id <= up_to_message_id)
         return await self._all(query.order_by(Message.id))
+
+    async def prompt_history(
+        self,
+        conversation_id: int,
+        *,
+        up_to_message_id: int,
+        max_chars: int,
+        message_chars: int = 16,
+    ) -> list[Message]:
+        """What a job answering `up_to_message_id` shows the model: the newest messages since the
+        last reset, up to and including that one, as many as fit `max_chars`, oldest first.
+
+        Each message costs its text, its author's name and `message_chars`; the newest is always
+        kept. Rows are read newest first, in pages, so a job reads about what it keeps however
+        long the conversation is. Each reply the bot finished sits right after the question it
+        answers (linked by its job), also one stored after `up_to_message_id` came in (a quick
+        second question sees the answer to the first); replies to later questions stay out.
+        Where older messages were left out, the history does not open with a reply.
+        """
+        async with self._transaction(write=False) as session:
+            kept: list[Message] = []
+            used = 0
+            upper = up_to_message_id
+            page_size = 64
+            cut = False
+            while not cut:
+                query = (
+                    select(Message)
+                    .where(
+                        Message.conversation_id == conversation_id,
+                        Message.archived.is_(False),
+                        Message.id <= upper,
+                    )
+                    .order_by(Message.id.desc())
+                    .limit(page_size)
+                )
+                page = list((await session.scalars(query)).all())
+                for message in page:
+                    cost = len(message.text) + len(message.author_name) + message_chars
+                    if kept and used + cost > max_chars:
+                        cut = True
+                        break
+                    kept.append(message)
+                    used += cost
+                if len(page) < page_size:
+                    break
+                upper = page[-1].id - 1
+                # The next page: about as many rows as the budget left holds at the size seen so far.
+                average = used / len(kept)
+                page_size = min(512, max(16, int((max_chars - used) / average * 1.25) + 8))
+            if not kept:
+                return []
+            # The bot's replies to the questions in that window: their questions place them.
+            replies = await session.execute(
+                select(Job.message_id, Message)
+                .join(Message, Message.id == Job.reply_message_id)
+                .where(
+                    Job.conversation_id == conversation_id,
+                    Job.message_id >= kept[-1].id,
+                    Job.message_id < up_to_message_id,
+                    Message.archived.is_(False),
+                )
+            )
+            question_of: dict[int, int] = {}
+            by_id = {message.id: message for message in kept}
+            for question_id, reply in replies.all():
+                question_of[reply.id] = question_id
+                by_id.setdefault(reply.id, reply)
+        ordered = sorted(
+            by_id.values(),
+            key=lambda m: (question_of[m.id], 1, m.id) if m.id in question_of else (m.id, 0, m.id),
+        )
+        if cut:
+            while len(ordered) > 1 and ordered[0].role == Role.ASSISTANT:
+                ordered.pop(0)
+        return ordered
 
     # -- messages that ask for an answer ------------------------------------------------------------
 
@@ -315,7 +428,7 @@ class ConversationRecords(RepositoryBase):
     async def audit(
         self, conversation_id: int, *, platform: str, actor_id: str, actor_name: str, action: str, detail: str
     ) -> AuditEntry:
-        """Write down one admin action."""
+        """Write down one admin action on its own (the admin changes above write theirs themselves)."""
         async with self._transaction(write=True) as session:
             entry = AuditEntry(
                 conversation_id=conversation_id,
@@ -334,3 +447,52 @@ class ConversationRecords(RepositoryBase):
         """The conversation's admin actions, oldest first."""
         query = select(AuditEntry).where(AuditEntry.conversation_id == conversation_id)
         return await self._all(query.order_by(AuditEntry.id))
+
+    async def recent_audit(
+        self,
+        conversation_id: int | None = None,
+        *,
+        limit: int | None = 10,
+        since: datetime | None = None,
+        actions_except: tuple[str, ...] = (),
+    ) -> list[tuple[AuditEntry, Conversation]]:
+        """The newest admin actions (of one conversation, or everywhere), newest first, each
+        with its conversation: `/audit` and `parley audit` read them."""
+        query = select(AuditEntry, Conversation).join(Conversation, Conversation.id == AuditEntry.conversation_id)
+        if conversation_id is not None:
+            query = query.where(AuditEntry.conversation_id == conversation_id)
+        if since is not None:
+            query = query.where(AuditEntry.created_at >= since)
+        if actions_except:
+            query = query.where(AuditEntry.action.not_in(actions_except))
+        query = query.order_by(AuditEntry.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        async with self._transaction(write=False) as session:
+            return [(entry, conversation) for entry, conversation in (await session.execute(query)).all()]
+
+    async def last_action_by(self, platform: str, actor_id: str, action: str) -> datetime | None:
+        """When `actor_id` of `platform` last did `action` (in any conversation); None if never."""
+        query = (
+            select(func.max(AuditEntry.created_at))
+            .where(AuditEntry.platform == platform, AuditEntry.actor_id == actor_id, AuditEntry.action == action)
+        )
+        async with self._transaction(write=False) as session:
+            newest = await session.scalar(query)
+        if newest is not None and newest.tzinfo is None:  # SQLite's MAX() returns the stored naive UTC
+            newest = newest.replace(tzinfo=timezone.utc)
+        return newest
+
+    @staticmethod
+    async def _record_audit_values(
+        session: AsyncSession, written: list[AuditEntry], before: dict[str, Any], after: dict[str, Any]
+    ) -> None:
+        """Inside a change's transaction: give the audit row its claim just wrote the values the
+        change replaced and set, as JSON."""
+        if len(written) != 1:
+            return  # no claim (a change made outside an update), so no audit row to complete
+        [entry] = written
+        single = len(after) == 1 and "system_prompt" in after
+        entry.old_value = json.dumps(before["system_prompt"] if single else before)
+        entry.new_value = json.dumps(after["system_prompt"] if single else after)
+        await session.flush()

@@ -17,9 +17,9 @@ on a stale snapshot, and read-check-write sequences (queue limits) are serialize
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
-import importlib.util
 import re
 import threading
 from collections.abc import Coroutine

@@ -42,6 +42,8 @@ __all__ = [
     "Message",
     "Job",
     "AuditEntry",
+    "HandledUpdateEntry",
+    "Lease",
     "UTCDateTime",
     "StrEnum",
     "utcnow",
@@ -216,6 +218,49 @@ class AuditEntry(Base):
     actor_name: Mapped[str] = mapped_column(String(255))
     action: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text, default="")
+    old_value: Mapped[str | None] = mapped_column(Text, default=None)
+    """For a /system or /set change: what it replaced, as JSON (`null`: the configured default)."""
+    new_value: Mapped[str | None] = mapped_column(Text, default=None)
+    """For a /system or /set change: what it set, as JSON."""
 
     def __repr__(self) -> str:
         return f"AuditEntry(id={self.id!r}, action={self.action!r}, actor_id={self.actor_id!r})"
+
+
+class HandledUpdateEntry(Base):
+    """A platform update (a command, a notice-only event) that was handled: written in the same
+    transaction as its effect, so an update delivered again after a crash changes nothing.
+
+    Messages need no entry: they are recorded once by their platform id (`Message`). `update_id`
+    is the platform's id of the message that carried the update; it is unique per conversation.
+    """
+
+    __tablename__ = "handled_updates"
+    __table_args__ = (
+        UniqueConstraint("platform", "conversation_key", "update_id"),
+        Index("ix_handled_updates_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    conversation_key: Mapped[str] = mapped_column(String(255))
+    update_id: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"HandledUpdateEntry({self.platform!r}, {self.conversation_key!r}, {self.update_id!r})"
+
+
+class Lease(Base):
+    """A role only one bot process may hold at a time (polling a Telegram token, a Discord gateway
+    session): `holder` has it until `expires_at`, unless it renews first (`storage.leases`)."""
+
+    __tablename__ = "leases"
+
+    role: Mapped[str] = mapped_column(String(255), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime] = mapped_column()
+    acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"Lease({self.role!r}, holder={self.holder!r}, expires_at={self.expires_at!r})"

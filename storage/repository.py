@@ -5,8 +5,10 @@ completely and detached from their session (`expire_on_commit=False`): read them
 changing an attribute changes nothing in the database — call a method here instead. They have no
 relationships to lazy-load, so nothing touches the database after a method returns.
 
-Database failures (unreachable, locked past the busy timeout, a constraint broken) surface as
-`StorageError`; a missing row that a method must act on is `RecordNotFound`.
+Database failures surface as `StorageError`: `StorageUnavailable` when the database cannot be
+used for now (unreachable, locked past the busy timeout, disk full) and the same call may work
+later, a plain `StorageError` for the rest (a constraint broken). A missing row that a method
+must act on is `RecordNotFound`.
 """
 
 from __future__ import annotations
@@ -20,11 +22,17 @@ from storage.base import (
     Unchanged,
     default_owner,
 )
+from storage.catalog import ConversationCatalog
 from storage.conversations import ConversationRecords
+from storage.export import PersonalData
 from storage.jobs import JobRecords
+from storage.leases import LeaseRecords
+from storage.retention import RetentionRecords
+from storage.updates import HandledUpdate
 
 __all__ = [
     "Repository",
+    "HandledUpdate",
     "RecordNotFound",
     "UNCHANGED",
     "Unchanged",
@@ -35,7 +43,7 @@ __all__ = [
 ]
 
 
-class Repository(ConversationRecords, JobRecords):
+class Repository(ConversationRecords, JobRecords, ConversationCatalog, LeaseRecords, RetentionRecords, PersonalData):
     """Parley's storage operations over an `async_sessionmaker` (`Database.sessions`).
 
     `owner` identifies this bot process in `jobs.owner` (default: `default_owner()`); give each

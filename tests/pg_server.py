@@ -7,7 +7,9 @@
 test process: `initdb` into a temporary folder and `pg_ctl start` on a free port of 127.0.0.1, as
 an unprivileged user when the tests run as root (PostgreSQL refuses to run as root). Where
 neither is possible the tests that need it are skipped, saying why. `postgres_url` (per test) is
-a fresh, empty database on that server, dropped afterwards.
+a fresh, empty database on that server, dropped afterwards. `stop_server()` and `start_server()`
+take a locally started server down and up again (on the same port and data), for tests of a
+database restart under a running app.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ _BINARIES = ("initdb", "pg_ctl", "postgres")
 
 _server: str | None = None
 _failure: str | None = None
+_control: dict[str, list[str]] = {}  # "stop" / "start": the pg_ctl command lines of the local server
 _counter = itertools.count(1)
 
 
@@ -118,6 +121,11 @@ def _start_local_server() -> str:
                        capture_output=True, timeout=60, cwd=root)
         shutil.rmtree(root, ignore_errors=True)
 
+    pg_ctl = [*prefix, str(bindir / "pg_ctl"), "-D", str(data)]
+    _control["stop"] = [*pg_ctl, "-m", "fast", "-w", "-t", "60", "stop"]
+    _control["start"] = [*pg_ctl, "-l", str(log), "-o", options, "-w", "-t", "60", "start"]
+    _control["cwd"] = [str(root)]
+
     atexit.register(stop)
     return f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
 
@@ -142,6 +150,29 @@ def server_url() -> str:
     if _server is None:
         pytest.skip(f"PostgreSQL tests skipped: {_failure}")
     return _server
+
+
+def can_restart() -> bool:
+    """Whether `stop_server()`/`start_server()` work: the server was started by these tests."""
+    return bool(_control)
+
+
+def _pg_ctl(action: str) -> None:
+    if not _control:
+        raise RuntimeError(f"only a server started by the tests can be restarted (not one from {ENV_URL})")
+    result = subprocess.run(_control[action], capture_output=True, text=True, timeout=90, cwd=_control["cwd"][0])
+    if result.returncode != 0:
+        raise RuntimeError(f"pg_ctl {action} failed ({result.returncode}): {(result.stderr or result.stdout).strip()}")
+
+
+def stop_server() -> None:
+    """Take the local server down (fast shutdown: every client connection is cut). Blocking."""
+    _pg_ctl("stop")
+
+
+def start_server() -> None:
+    """Bring the local server up again after `stop_server()`, on the same port and data. Blocking."""
+    _pg_ctl("start")
 
 
 def _asyncpg_dsn(url: str, database: str | None = None) -> str:

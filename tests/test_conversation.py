@@ -40,6 +40,8 @@ HELP_BEFORE = [
     "/set key=value ...: temperature (0-2), top_p (0.01-1), max_new_tokens (1-4096), or key=default (admins in shared chats)",
     "/status: model, queue, your place in it, history size and settings",
     "/forget: delete your own messages (and the replies to them) from this conversation",
+    "/audit: the last admin actions in this conversation (admins)",
+    "/export: your own messages here and the replies to them, as a JSON file",
 ]
 
 
@@ -179,8 +181,9 @@ def test_admin_commands_are_declared_as_such():
     access = {command.name: command.access for command in COMMANDS}
     assert access["reset"] is Access.ADMINS
     assert access["system"] is access["set"] is Access.ADMINS_TO_CHANGE
-    assert {name for name, a in access.items() if a is Access.EVERYONE} == {"help", "status", "forget", "model"}
-    assert {c.name for c in COMMANDS if c.private} == {"help", "status", "forget", "model"}
+    assert access["audit"] is Access.ADMINS
+    assert {name for name, a in access.items() if a is Access.EVERYONE} == {"help", "status", "forget", "model", "export"}
+    assert {c.name for c in COMMANDS if c.private} == {"help", "status", "forget", "model", "audit", "export"}
 
 
 def test_variants_and_arguments_are_exclusive():
@@ -244,3 +247,14 @@ def test_the_job_queue_satisfies_the_port_the_router_uses():
         assert inspect.iscoroutinefunction(method), name
         wanted = [(p.name, p.kind) for p in inspect.signature(port_method).parameters.values()]
         assert [(p.name, p.kind) for p in inspect.signature(method).parameters.values()] == wanted, name
+
+
+def test_rate_limit_forgets_users_whose_window_has_passed():
+    now = [1000.0]
+    limit = UserRateLimit(3, clock=lambda: now[0])
+    for user in range(500):
+        assert limit.check("fake", f"user{user}") is None
+    assert len(limit) == 500
+    now[0] += 61
+    assert limit.check("fake", "late") is None
+    assert len(limit) == 1  # the map does not grow without bound

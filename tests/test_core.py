@@ -335,3 +335,93 @@ async def test_forget_removes_only_the_authors_messages_and_replies(bot):
     assert [m.text for m in history if m.role == "user"] == ["the weather is nice"]
     assert [m.role for m in history] == ["user", "assistant"]
     assert (await fake.say("/forget", user="carl", chat="room")).reply == "There was nothing of yours to forget here."
+
+
+async def test_edits_pass_the_same_input_rules_as_new_messages(tiny_model_dir, tmp_path):
+    settings = make_settings(tiny_model_dir, tmp_path, bot={"max_input_chars": 500})
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
+        await fake.say("I like tea", addressed=False, message_id="tea")
+        conversation = await app.repo.find_conversation(fake.message("x").conversation)
+
+        async def stored() -> str:
+            [message] = await app.repo.history(conversation.id)
+            return message.text
+
+        assert (await fake.say("x" * 501)).outcome is Outcome.REFUSED  # a new message this long is refused
+        huge = ("y\x00\x1b" * 17_000)[:50_000]
+        assert await app.router.handle_edit(fake.message(huge, message_id="tea", addressed=False)) is False
+        assert await stored() == "I like tea"
+        for blank in ("  \u200b\u200c\u200d\u2060\ufeff ", "\x00\x1b"):
+            assert await app.router.handle_edit(fake.message(blank, message_id="tea", addressed=False)) is False
+        assert await stored() == "I like tea"
+        assert await app.router.handle_edit(fake.message(" I\x00 like\x1b coffee\r\n", message_id="tea", addressed=False))
+        assert await stored() == "I like coffee"
+        assert await app.router.handle_edit(fake.message("broken \ud800 text", message_id="tea", addressed=False))
+        assert await stored() == "broken \ufffd text"
+
+
+async def test_a_message_of_zero_width_characters_is_ignored(bot):
+    fake, app = bot
+    result = await fake.say("\u200b\u200c\u200d\u2060\ufeff", direct=True, chat="dm")
+    assert result.outcome is Outcome.IGNORED
+    assert await app.queue.depth() == 0
+
+
+async def test_commands_count_against_the_message_rate(tiny_model_dir, tmp_path):
+    settings = make_settings(tiny_model_dir, tmp_path, queue={"user_messages_per_minute": 3})
+    fake = FakeAdapter()
+    async with ParleyApp(settings, [fake], client=make_generation_client(settings, in_process=True)) as app:
+        assert [(await fake.say("/help", user="ann")).outcome for _ in range(3)] == [Outcome.COMMAND] * 3
+        flood = await fake.say("/status", user="ann")
+        assert flood.outcome is Outcome.BUSY and flood.refusal.kind is RefusalKind.RATE_LIMITED
+        assert (await fake.say("/help", user="bob")).outcome is Outcome.COMMAND  # others are not held up
+
+
+async def test_a_redelivered_command_does_nothing_and_says_nothing(bot):
+    fake, app = bot
+    await answered(fake, app, "before", direct=True, chat="dm")
+    first = await fake.say("/reset", direct=True, chat="dm", message_id="cmd-1")
+    assert first.reply.startswith("History cleared (2 messages forgotten)")
+    later = await fake.say("after", direct=True, chat="dm")
+    for command in ("/reset", "/help", "/system new", "/set temperature=1", "/forget"):
+        again = await fake.say(command, direct=True, chat="dm", message_id="cmd-1")
+        assert again.outcome is Outcome.DUPLICATE and again.reply is None, command
+    assert await app.router.wait_for(later.job_id) == "done"
+    conversation = await app.repo.find_conversation(fake.message("x", chat="dm").conversation)
+    assert [m.text for m in await app.repo.history(conversation.id)][:1] == ["after"]
+    assert [e.action for e in await app.repo.audit_log(conversation.id)] == ["reset"]
+    assert (await app.repo.get_conversation(conversation.id)).temperature is None
+    # A read-only command takes effect once too.
+    assert (await fake.say("/help", direct=True, chat="dm", message_id="cmd-2")).reply
+    assert (await fake.say("/help", direct=True, chat="dm", message_id="cmd-2")).outcome is Outcome.DUPLICATE
+
+
+async def test_storage_errors_never_show_driver_text(bot, monkeypatch):
+    fake, app = bot
+    from bot.core.errors import StorageError
+
+    async def broken(*args, **kwargs):
+        raise StorageError("database error: (sqlite3.IntegrityError) CHECK constraint failed: secret_table")
+
+    monkeypatch.setattr(app.repo, "get_or_create_conversation", broken)
+    for text in ("hello", "/status", "/reset"):
+        result = await fake.say(text, direct=True, chat="dm")
+        assert result.outcome is Outcome.ERROR
+        assert "sqlite3" not in result.reply and "secret_table" not in result.reply, result.reply
+
+
+async def test_adapters_can_list_the_conversations_they_may_have_missed_messages_in(bot):
+    fake, app = bot
+    await answered(fake, app, "hello", direct=True, chat="dm")
+    await fake.say("just talking", chat="group", addressed=False)
+    other = FakeAdapter("elsewhere")
+    await other.start(fake.core)
+    await other.say("not here", chat="group", addressed=False)
+    known = {c.key.key: c for c in await fake.core.conversations_on("fake")}
+    assert set(known) == {"dm", "group"}
+    assert known["dm"].is_direct and not known["group"].is_direct
+    dm = await app.repo.find_conversation(known["dm"].key)
+    [question, reply] = await app.repo.history(dm.id)
+    assert known["dm"].last_message_at == question.created_at  # what people sent; replies do not count
+    assert [c.key.key for c in await fake.core.conversations_on("elsewhere")] == ["group"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.base import EditingReplyStream
 from adapters.discord import MAX_LENGTH, TEXT_ONLY, DiscordAdapter
 from bot.runtime.app import ParleyApp
 from bot.core.errors import AdapterError, ConfigError
@@ -104,9 +105,9 @@ async def test_a_mention_is_answered_through_the_worker_process(fake, world, tin
     app = await start_app(settings, in_process=False)
     try:
         synced = {c["name"] for c in fake.synced_commands[int(world.guild["id"])]}
-        assert synced == {"help", "reset", "system", "set", "status", "model", "forget"}
+        assert synced == {"help", "reset", "system", "set", "status", "model", "forget", "audit", "export"}
         admin_only = {c["name"]: c.get("default_member_permissions") for c in fake.synced_commands[int(world.guild["id"])]}
-        assert admin_only["reset"] == admin_only["system"] == admin_only["set"] == str(int(Permission.MANAGE_GUILD))
+        assert admin_only["reset"] == admin_only["system"] == admin_only["set"] == admin_only["audit"] == str(int(Permission.MANAGE_GUILD))
         assert admin_only["help"] is None and admin_only["status"] is None
         asked = await fake.send_user_message(
             world.general, world.member, f"{fake.mention(fake.bot_user)} hello there", mentions=[fake.bot_user]
@@ -330,3 +331,149 @@ async def test_a_slow_command_is_deferred_then_answered(fake, world, bot, monkey
     [response] = fake.interaction_responses
     assert response.type == 5 and response.ephemeral  # deferred, "thinking", only for the caller
     assert fake.followups[0].content.startswith("Model: ")
+
+
+async def test_a_refused_final_edit_is_tried_again(fake, world, bot):
+    adapter = bot.adapters["discord"]
+    stream = await adapter.open_reply(ConversationKey("discord", str(world.general["id"])), None)
+    await stream.update("Hello")
+    refused = fake.fail_next("PATCH", f"/channels/{world.general['id']}/messages/*", status=403)
+    ids = await stream.finish("Hello world")
+    [message] = bot_messages(fake, world.general)
+    assert message.content == "Hello world" and ids == [str(message.id)]
+    assert refused.hits == 1
+
+
+async def test_refused_edits_end_in_a_new_message_and_the_reply_is_stored(fake, world, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(EditingReplyStream, "retry_delays", (0.05, 0.05))
+    settings = discord_settings(tiny_model_dir, tmp_path, world, generation={"max_new_tokens": 30})
+    app = await start_app(settings)
+    try:
+        refused = fake.fail_next("PATCH", f"/channels/{world.general['id']}/messages/*", status=403, times=1_000)
+        asked = await fake.send_user_message(world.general, world.member, f"<@{fake.bot_id}> hi", mentions=[fake.bot_user])
+        await fake.wait_for(lambda: bot_messages(fake, world.general), timeout=20)
+        await app.queue.run_until_empty()
+        conversation, history = await history_of(app, world.general)
+        [job] = await jobs_of(app, conversation.id)
+        assert job.status == "done", job.error
+        assert [m.role for m in history] == ["user", "assistant"]
+        assert refused.hits >= 1  # the reply streamed, and its edits were refused
+        first, final = bot_messages(fake, world.general)
+        assert final.content == history[1].text != first.content  # shown in full, as a new message
+        assert str(final.message_reference["message_id"]) == asked["id"]
+        assert job.reply_platform_ids == [str(final.id)]
+    finally:
+        await app.stop()
+
+
+async def test_channel_locks_do_not_pile_up(fake, world, bot):
+    adapter = bot.adapters["discord"]
+    channels = [fake.add_text_channel(world.guild, f"room-{n}") for n in range(5)]
+    for channel in channels:
+        await fake.send_user_message(channel, world.member, "just talking")
+    conversation_of = [ConversationKey("discord", str(c["id"])) for c in channels]
+
+    async def all_recorded() -> bool:
+        for key in conversation_of:
+            found = await bot.repo.find_conversation(key)
+            if found is None or not await bot.repo.history(found.id):
+                return False
+        return True
+
+    for _ in range(200):
+        if await all_recorded():
+            break
+        await asyncio.sleep(0.02)
+    assert await all_recorded()
+    assert adapter._channel_locks == {}
+
+
+def catching_up(app):
+    """Wait until the Discord adapter has caught up with what it missed."""
+    return asyncio.wait_for(app.adapters["discord"].caught_up.wait(), 30)
+
+
+async def test_messages_sent_while_the_bot_was_down_are_answered_once(fake, world, tiny_model_dir, tmp_path):
+    settings = discord_settings(tiny_model_dir, tmp_path, world, discord={"catch_up_minutes": 10})
+    dm = fake.dm_channel(world.member)
+    app = await start_app(settings)
+    try:  # the bot knows #general and the DM
+        await fake.send_user_message(world.general, world.admin, "morning all", age=30 * 60)
+        await fake.dm(world.member, "hello bot")
+        await fake.wait_for(lambda: bot_messages(fake, dm), timeout=20)
+        await app.queue.run_until_empty()
+    finally:
+        await app.stop()
+    # While it is down:
+    old = await fake.send_user_message(
+        world.general, world.admin, f"<@{fake.bot_id}> an old question", mentions=[fake.bot_user], age=20 * 60, deliver=False
+    )
+    mention = await fake.send_user_message(
+        world.general, world.member, f"<@{fake.bot_id}> are you back?", mentions=[fake.bot_user], deliver=False
+    )
+    await fake.send_user_message(world.general, world.member, "just chatting", deliver=False)
+    direct = await fake.dm(world.member, "did you miss me?", deliver=False)
+
+    app = await start_app(settings)
+    try:
+        await catching_up(app)
+        await app.queue.run_until_empty()
+        answers = bot_messages(fake, world.general)
+        assert [str(m.message_reference["message_id"]) for m in answers] == [mention["id"]]
+        dm_answers = [m for m in bot_messages(fake, dm) if m.message_reference]
+        assert [str(m.message_reference["message_id"]) for m in dm_answers][-1] == direct["id"]
+        general, history = await history_of(app, world.general)
+        assert [(m.role, m.text) for m in history] == [
+            ("user", "morning all"),
+            ("user", "an old question"),  # older than catch_up_minutes: context only
+            ("user", "are you back?"),
+            ("user", "just chatting"),
+            ("assistant", answers[0].content),
+        ]
+        [job] = await jobs_of(app, general.id)
+        assert job.status == "done"
+        conversation, dm_history = await history_of(app, dm, direct=True)
+        assert [m.text for m in dm_history if m.role == "user"] == ["hello bot", "did you miss me?"]
+        assert len(await jobs_of(app, conversation.id)) == 2
+        assert old["id"] not in {str(m.message_reference["message_id"]) for m in fake.messages if m.message_reference}
+    finally:
+        await app.stop()
+
+    shown = len(fake.messages)
+    app = await start_app(settings)  # and once more: nothing new to answer
+    try:
+        await catching_up(app)
+        await app.queue.run_until_empty()
+        assert len(fake.messages) == shown
+        assert len(await jobs_of(app, general.id)) == 1 and len(await jobs_of(app, conversation.id)) == 2
+        assert len((await history_of(app, world.general))[1]) == 5
+    finally:
+        await app.stop()
+
+
+async def test_a_session_that_could_not_resume_catches_up(fake, world, bot, monkeypatch):
+    from adapters.discord import _Client
+
+    async def identify_at_once(self, shard_id, *, initial=False):  # discord.py waits 5 s otherwise
+        return None
+
+    monkeypatch.setattr(_Client, "before_identify_hook", identify_at_once)
+    adapter = bot.adapters["discord"]
+    await catching_up(bot)
+    dm = fake.dm_channel(world.member)
+    await fake.dm(world.member, "hello bot")
+    await fake.wait_for(lambda: bot_messages(fake, dm), timeout=20)
+    await bot.queue.run_until_empty()
+    runs = adapter.catch_up_runs
+    await fake.disconnect_gateway(code=4000)  # resumed: nothing was missed
+    await fake.wait_for(lambda: fake.resume_payloads, timeout=10)
+    await fake.send_user_message(world.lobby, world.member, "still there?")
+    await fake.wait_for(lambda: bot_messages(fake, world.lobby), timeout=20)
+    await bot.queue.run_until_empty()
+    assert adapter.catch_up_runs == runs
+    await fake.disconnect_gateway(code=4000, invalidate_session=True)
+    missed = await fake.dm(world.member, "are you there?", deliver=False)
+    await fake.wait_for(lambda: adapter.catch_up_runs > runs and adapter.caught_up.is_set(), timeout=20)
+    await bot.queue.run_until_empty()
+    replied_to = [str(m.message_reference["message_id"]) for m in bot_messages(fake, dm)]
+    assert replied_to.count(missed["id"]) == 1

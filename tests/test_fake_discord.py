@@ -604,3 +604,26 @@ async def test_clean_shutdown_leaves_nothing_open(fake: FakeDiscord) -> None:
         del client
         gc.collect()
     assert [w for w in caught if issubclass(w.category, (ResourceWarning, RuntimeWarning))] == []
+
+
+async def test_messages_sent_while_offline_are_only_in_the_history(fake: FakeDiscord) -> None:
+    from datetime import timedelta
+
+    world = build_world(fake)
+    earlier = await fake.send_user_message(world.general, world.bob, "long ago", age=3_600, deliver=False)
+    missed = await fake.send_user_message(world.general, world.bob, "while you were out", deliver=False)
+    client = RecordingClient()
+    async with running(client, fake):
+        await fake.send_user_message(world.general, world.bob, "live")
+        await fake.wait_for(lambda: client.user_messages, message="the live message")
+        assert [m.content for m in client.user_messages] == ["live"]  # the others were not delivered
+        channel = client.get_channel(world.general_id)
+        history = [m async for m in channel.history(limit=10)]
+        assert [m.content for m in history] == ["live", "while you were out", "long ago"]
+        old = history[-1]
+        assert str(old.id) == earlier["id"] and str(history[1].id) == missed["id"]
+        age = (discord.utils.utcnow() - old.created_at).total_seconds()
+        assert 3_590 < age < 3_700  # the id and the timestamp both say an hour ago
+        ten_minutes_ago = discord.utils.utcnow() - timedelta(minutes=10)
+        recent = [m.content async for m in channel.history(after=ten_minutes_ago)]
+        assert recent == ["while you were out", "live"]  # oldest first, as discord.py gives them

@@ -147,9 +147,9 @@ def test_rough_counter_trims_the_oldest_turns_to_the_server_context():
 
 @pytest.mark.parametrize(
     ("status", "expected"),
-    [(400, "JobFailed"), (404, "JobFailed"), (429, "BackendDown"), (408, "BackendDown"), (503, "BackendDown")],
+    [(400, "JobFailed"), (404, "JobFailed"), (429, "BackendBusy"), (408, "BackendBusy"), (503, "BackendBusy")],
 )
-async def test_http_errors_map_to_job_failed_or_backend_down(tiny_model_dir, tmp_path, status, expected):
+async def test_http_errors_map_to_job_failed_or_backend_busy(tiny_model_dir, tmp_path, status, expected):
     """transformers serve answers malformed requests with a bare 500, so a small aiohttp server
     on 127.0.0.1 stands in for the error statuses other servers (vLLM, OpenAI) send."""
     from aiohttp import web
@@ -171,7 +171,10 @@ async def test_http_errors_map_to_job_failed_or_backend_down(tiny_model_dir, tmp
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     try:
-        settings = openai_settings(tiny_model_dir, tmp_path, f"http://127.0.0.1:{port}/v1")
+        # A busy or failing server is asked again for up to busy_timeout, then BackendBusy (no
+        # BackendDown: that would make the job a suspect that runs alone); tests/test_openai_busy.py
+        # covers the waiting.
+        settings = openai_settings(tiny_model_dir, tmp_path, f"http://127.0.0.1:{port}/v1", openai={"busy_timeout": 0.2})
         async with OpenAIGenerationClient(settings) as client:
             assert client.model_info.context_window == 512  # vLLM's max_model_len
             request = GenerationRequest(1, (ChatMessage("user", "hi"),), GenerationSettings(max_new_tokens=8))

@@ -63,7 +63,7 @@ async def queue_jobs(repo: Repository, count: int, conversations: int = 5, platf
 
 async def test_two_processes_marking_running_never_run_a_job_twice(two_processes: Any) -> None:
     (_, a), (_, b) = two_processes
-    ids = await queue_jobs(a, JOBS)
+    ids = await queue_jobs(a, JOBS, conversations=JOBS)  # one running job per conversation: one job each
 
     async def claimer(repo: Repository) -> list[int]:
         # What the queue does: read the queued jobs, then claim each with mark_running.
@@ -85,9 +85,26 @@ async def test_two_processes_marking_running_never_run_a_job_twice(two_processes
 
 
 
+async def test_two_processes_never_run_two_jobs_of_one_conversation(two_processes: Any) -> None:
+    (_, a), (_, b) = two_processes
+    ids = await queue_jobs(a, 20, conversations=2)  # even ids: conversation 0, odd: conversation 1
+    claims = await asyncio.gather(*(repo.mark_running(job_id, []) for job_id in ids for repo in (a, b)))
+    assert sum(claims) == 2  # one per conversation, by whichever process got there first
+    running = await running_jobs(a)
+    assert sorted(job.conversation_id for job in running) == sorted({job.conversation_id for job in running})
+    assert len(running) == 2
+    # Once the running one ends, the conversation's next job may be claimed (by either process).
+    for job in running:
+        assert await (a if job.owner == "process-a" else b).fail_job(job.id, "done with it")
+    queued = {job.conversation_id: job.id for job in reversed(await a.queued_jobs())}  # the oldest of each
+    first, second = sorted(queued.values())
+    assert await b.mark_running(first, []) and await a.mark_running(second, [])
+    assert not any([await a.mark_running(job.id, []) for job in await a.queued_jobs()])
+
+
 async def test_requeue_interrupted_leaves_a_live_owners_jobs_alone(two_processes: Any) -> None:
     (database, a), (_, b) = two_processes
-    ids = await queue_jobs(a, 6)
+    ids = await queue_jobs(a, 6, conversations=6)
     for job_id in ids[:3]:
         assert await a.mark_running(job_id, [])
     for job_id in ids[3:]:
@@ -116,10 +133,10 @@ async def test_requeue_interrupted_leaves_a_live_owners_jobs_alone(two_processes
 async def test_requeue_interrupted_takes_a_dead_local_process_jobs(two_processes: Any) -> None:
     (_, a), (database, _) = two_processes
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    host, namespace, _ = default_owner().rsplit(":", 2)
-    dead = Repository(database.sessions, owner=f"{host}:{namespace}:{int(gone.stdout)}")
-    alive = Repository(database.sessions, owner=f"{host}:{namespace}:1")  # pid 1 always exists
-    elsewhere = Repository(database.sessions, owner="another-host:4026531836:1234")
+    host, namespace, _pid, _random = default_owner().split(":")
+    dead = Repository(database.sessions, owner=f"{host}:{namespace}:{int(gone.stdout)}:1f2e3d4c")
+    alive = Repository(database.sessions, owner=f"{host}:{namespace}:1:5a6b7c8d")  # pid 1 always exists
+    elsewhere = Repository(database.sessions, owner="another-host:4026531836:1234:9e8d7c6b")
     ids = await queue_jobs(a, 3)
     for repo, job_id in zip((dead, alive, elsewhere), ids, strict=True):
         assert await repo.mark_running(job_id, [])

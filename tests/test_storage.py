@@ -467,7 +467,7 @@ async def test_finish_after_cancel_keeps_the_reply_out_of_history(repo: Reposito
     assert [m.text for m in await repo.history(conversation_id)] == ["hello q1"]
 
 
-async def test_reset_archives_and_cancels_queued_jobs(repo: Repository, conversation_id: int) -> None:
+async def test_reset_archives_and_cancels_queued_and_running_jobs(repo: Repository, conversation_id: int) -> None:
     _, running, _ = await enqueue(repo, conversation_id, "1")
     _, queued, _ = await enqueue(repo, conversation_id, "2")
     other = await repo.get_or_create_conversation(ConversationKey("discord", "other"), is_direct=False)
@@ -477,11 +477,13 @@ async def test_reset_archives_and_cancels_queued_jobs(repo: Repository, conversa
     await repo.set_system_prompt(conversation_id, "old")
 
     archived, cancelled = await repo.reset_conversation(conversation_id)
-    assert (archived, cancelled) == (2, [queued.id])
+    assert (archived, sorted(cancelled)) == (2, [running.id, queued.id])
     assert await repo.history(conversation_id) == []
     assert (await repo.get_conversation(conversation_id)).system_prompt == "old"  # type: ignore[union-attr]
-    assert [j.id for j in await repo.pending_jobs_for(conversation_id)] == [running.id]  # left to the caller
+    # The running job's cancellation is stored: whichever process runs it stops (and stores nothing).
+    assert await repo.pending_jobs_for(conversation_id) == []
     assert (await repo.get_job(queued.id)).status is JobStatus.CANCELLED  # type: ignore[union-attr]
+    assert (await repo.get_job(running.id)).status is JobStatus.CANCELLED  # type: ignore[union-attr]
     assert [j.id for j in await repo.pending_jobs_for(other.id)] == [elsewhere.id]
     assert len(await repo.history(other.id)) == 1
 
@@ -502,8 +504,10 @@ async def test_reset_archives_and_cancels_queued_jobs(repo: Repository, conversa
 async def test_requeue_interrupted(db_path: Path) -> None:
     async with Database(sqlite_url(db_path)) as database:
         repo = Repository(database.sessions)
-        conversation = await repo.get_or_create_conversation(ConversationKey("console", "default"), is_direct=True)
-        jobs = [(await enqueue(repo, conversation.id, str(i)))[1] for i in range(3)]
+        conversations = [
+            (await repo.get_or_create_conversation(ConversationKey("console", f"c{i}"), is_direct=True)).id for i in range(3)
+        ]
+        jobs = [(await enqueue(repo, conversations[i], str(i)))[1] for i in range(3)]
         assert await repo.mark_running(jobs[0].id, [{"role": "user", "content": "0"}])
         assert await repo.mark_running(jobs[1].id, [])
         assert await repo.requeue_job(jobs[1].id, "worker died") == 1
@@ -566,7 +570,9 @@ async def test_concurrent_read_then_write_transactions_do_not_hit_locked_errors(
 ) -> None:
     # finish_job and set_generation read before they write; on SQLite a plain deferred BEGIN would
     # fail them with "database is locked" when another writer commits in between.
-    jobs = [(await enqueue(repo, conversation_id, f"q{i}"))[1] for i in range(10)]
+    # Ten running jobs need ten conversations: the claim refuses a second running job in one.
+    others = [(await repo.get_or_create_conversation(ConversationKey("discord", f"c{i}"), is_direct=False)).id for i in range(10)]
+    jobs = [(await enqueue(repo, others[i], f"q{i}"))[1] for i in range(10)]
     for job in jobs:
         assert job is not None and await repo.mark_running(job.id, [])
     await asyncio.gather(
@@ -579,7 +585,8 @@ async def test_concurrent_read_then_write_transactions_do_not_hit_locked_errors(
         *(enqueue(repo, conversation_id, f"n{i}") for i in range(10)),
     )
     assert await repo.pending_count(conversation_id) == 10
-    assert len(await repo.history(conversation_id)) == 30
+    assert len(await repo.history(conversation_id)) == 10
+    assert [len(await repo.history(other)) for other in others] == [2] * 10
 
 
 async def test_a_folder_in_place_of_the_database_file_is_a_storage_error(tmp_path: Path) -> None:
@@ -624,3 +631,108 @@ async def test_the_database_file_is_readable_by_its_owner_only(tmp_path):
     async with Database(f"sqlite+aiosqlite:///{path}"):
         pass
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+# -- handled updates: a change, its audit row and the record of its update are one transaction ------
+
+
+async def test_an_admin_change_its_audit_row_and_its_update_are_one_transaction(
+    repo: Repository, conversation_id: int
+) -> None:
+    from bot.core.errors import UpdateAlreadyHandled
+    from storage import HandledUpdate
+
+    def update(update_id: str, **actor: Any) -> HandledUpdate:
+        return HandledUpdate("discord", "123", update_id, **({"actor_id": "u1", "actor_name": "Alice"} | actor))
+
+    _, first, _ = await enqueue(repo, conversation_id, "1")
+    assert await repo.reset_conversation(conversation_id, handled=update("reset")) == (1, [first.id])
+    _, later, _ = await enqueue(repo, conversation_id, "2")
+    with pytest.raises(UpdateAlreadyHandled):  # delivered again: nothing happens
+        await repo.reset_conversation(conversation_id, handled=update("reset"))
+    assert [m.text for m in await repo.history(conversation_id)] == ["hello 2"]
+    assert [j.id for j in await repo.pending_jobs_for(conversation_id)] == [later.id]
+
+    assert (await repo.set_system_prompt(conversation_id, "Be terse.", handled=update("system"))).system_prompt == "Be terse."
+    with pytest.raises(UpdateAlreadyHandled):
+        await repo.set_system_prompt(conversation_id, "Be loud.", handled=update("system"))
+    await repo.set_generation(conversation_id, temperature=0.5, handled=update("set"))
+    with pytest.raises(UpdateAlreadyHandled):
+        await repo.set_generation(conversation_id, temperature=1.5, handled=update("set"))
+    assert await repo.forget_author(conversation_id, "u1", handled=update("forget")) == (1, [later.id])
+    with pytest.raises(UpdateAlreadyHandled):
+        await repo.forget_author(conversation_id, "u1", handled=update("forget"))
+    stored = await repo.get_conversation(conversation_id)
+    assert (stored.system_prompt, stored.temperature) == ("Be terse.", 0.5)  # type: ignore[union-attr]
+    assert [(e.action, e.actor_name, e.detail) for e in await repo.audit_log(conversation_id)] == [
+        ("reset", "Alice", "archived=1 cancelled=1"),
+        ("system", "Alice", "'Be terse.'"),
+        ("set", "Alice", "temperature=0.5"),
+        ("forget", "Alice", "archived=1 cancelled=1"),
+    ]
+
+    # A change that fails leaves no trace: not the change, not its audit row, not its update.
+    with pytest.raises(RecordNotFound):
+        await repo.reset_conversation(999, handled=update("missing"))
+    assert not await repo.was_handled(update("missing"))
+    with pytest.raises(StorageError):  # the audit row cannot be written (no actor name)
+        await repo.set_system_prompt(conversation_id, "never", handled=update("broken", actor_name=None))
+    assert (await repo.get_conversation(conversation_id)).system_prompt == "Be terse."  # type: ignore[union-attr]
+    assert not await repo.was_handled(update("broken", actor_name=None))
+    assert len(await repo.audit_log(conversation_id)) == 4
+
+    # Through layers that know nothing of updates (the job queue), the update being handled is the
+    # one `handling` names.
+    with repo.handling(update("ambient")):
+        await repo.reset_conversation(conversation_id)
+        with pytest.raises(UpdateAlreadyHandled):
+            await repo.set_system_prompt(conversation_id, "twice")
+    assert (await repo.audit_log(conversation_id))[-1].action == "reset"
+    await repo.reset_conversation(conversation_id)  # outside: no update, no audit row
+    assert len(await repo.audit_log(conversation_id)) == 5
+
+
+async def test_marking_an_update_handled_is_race_safe_and_pruned(repo: Repository) -> None:
+    from datetime import timedelta
+
+    from storage import HandledUpdate
+
+    update = HandledUpdate("telegram", "42", "7")
+    results = await asyncio.gather(*(repo.mark_handled(update) for _ in range(8)))
+    assert sorted(results) == [False] * 7 + [True]
+    assert await repo.was_handled(update)
+    assert not await repo.was_handled(HandledUpdate("telegram", "43", "7"))  # per conversation
+    assert not await repo.was_handled(HandledUpdate("discord", "42", "7"))  # per platform
+    assert await repo.prune_handled_updates(older_than=timedelta(days=1)) == 0
+    assert await repo.prune_handled_updates(older_than=timedelta(seconds=-1)) == 1
+    assert not await repo.was_handled(update)
+
+
+async def test_an_unavailable_database_is_its_own_error(sqlite_only: None, db_path: Path, monkeypatch) -> None:
+    from bot.core.errors import StorageUnavailable
+    from storage.db import create_engine
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    monkeypatch.setattr("storage.db.SQLITE_BUSY_TIMEOUT_MS", 100)
+    async with Database(sqlite_url(db_path)) as database:
+        repo = Repository(database.sessions)
+        lock = sqlite3.connect(db_path, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # another process holds the write lock past the busy timeout
+        try:
+            with pytest.raises(StorageUnavailable, match="locked"):
+                await repo.get_or_create_conversation(ConversationKey("discord", "1"), is_direct=False)
+        finally:
+            lock.rollback()
+            lock.close()
+        await repo.get_or_create_conversation(ConversationKey("discord", "1"), is_direct=False)
+        with pytest.raises(RecordNotFound) as not_found:  # a missing row is no outage
+            await repo.set_system_prompt(999, "x")
+        assert not isinstance(not_found.value, StorageUnavailable)
+    # A PostgreSQL server that is down.
+    engine = create_engine("postgresql+asyncpg://bob:pw@127.0.0.1:1/parley")
+    try:
+        repo = Repository(async_sessionmaker(engine, expire_on_commit=False))
+        with pytest.raises(StorageUnavailable):
+            await repo.find_conversation(ConversationKey("discord", "1"))
+    finally:
+        await engine.dispose()

@@ -3,22 +3,42 @@
 `COMMANDS` is the registry `/help`, the permission check, Telegram's menu and Discord's slash
 tree are generated from; a new command is one `@COMMANDS.command(...)` on its handler here (and
 its sentences in `bot.conversation.messages`). Handlers get a `CommandContext`; admin commands are
-checked by the registry before their handler runs.
+checked by the registry before their handler runs. A change writes its own audit row, in its
+transaction (storage does, for the update the router says is being handled).
 """
 
 from __future__ import annotations
 
+import json
 import shlex
+from datetime import datetime, timedelta, timezone
 
 from bot.conversation import messages
 from bot.conversation.context import CommandContext
 from bot.conversation.registry import Access, Argument, CommandRegistry, Variant
+from bot.core.contracts import Attachment, Outcome, RouteResult
 from bot.core.types import SETTING_RANGES
 
-__all__ = ["COMMANDS", "MAX_SYSTEM_PROMPT", "MAX_COMMAND_CHARS", "parse_settings_args"]
+__all__ = [
+    "COMMANDS",
+    "MAX_SYSTEM_PROMPT",
+    "MAX_COMMAND_CHARS",
+    "AUDIT_SHOWN",
+    "EXPORT_EVERY",
+    "MAX_EXPORT_BYTES",
+    "parse_settings_args",
+]
 
 MAX_SYSTEM_PROMPT = 4000
 MAX_COMMAND_CHARS = MAX_SYSTEM_PROMPT + 100
+AUDIT_SHOWN = 10
+"""/audit lists this many of the newest admin actions."""
+EXPORT_EVERY = timedelta(minutes=10)
+"""/export: once per user (per platform) this often; the audit trail holds the last one, so the
+limit holds across bot processes and restarts."""
+MAX_EXPORT_BYTES = 1_000_000
+"""/export's file at most; beyond it, the newest messages that fit."""
+EXPORT_ACTION = "export"
 
 COMMANDS = CommandRegistry()
 
@@ -86,8 +106,6 @@ async def _reset(context: CommandContext, args: str) -> str:
     if new_prompt is not None and len(new_prompt) > MAX_SYSTEM_PROMPT:
         return messages.system_prompt_too_long(len(new_prompt), MAX_SYSTEM_PROMPT)
     archived, cancelled = await context.jobs.reset(conversation.id, system_prompt=new_prompt)
-    detail = f"archived={archived} cancelled={cancelled}" + (f" system={new_prompt!r}" if new_prompt else "")
-    await context.audit("reset", detail)
     return messages.history_cleared(archived, cancelled, new_prompt)
 
 
@@ -119,7 +137,6 @@ async def _system(context: CommandContext, args: str) -> str:
     else:
         value, answer = text, messages.system_prompt_set(text)
     await context.repo.set_system_prompt(conversation.id, value)
-    await context.audit("system", repr(value))
     return answer
 
 
@@ -141,7 +158,6 @@ async def _set(context: CommandContext, args: str) -> str:
     except ValueError as exc:
         return messages.nothing_changed(str(exc), usage)
     await context.repo.set_generation(conversation.id, **values)
-    await context.audit("set", " ".join(f"{k}={v}" for k, v in values.items()))
     return messages.settings_now(context.settings_of(await context.repo.get_conversation(conversation.id)))
 
 
@@ -172,5 +188,89 @@ async def _model(context: CommandContext, args: str) -> str:
 async def _forget(context: CommandContext, args: str) -> str:
     conversation = await context.conversation()
     archived, cancelled = await context.jobs.forget(conversation.id, context.message.author.id)
-    await context.audit("forget", f"archived={archived} cancelled={cancelled}")
     return messages.forgot(archived, cancelled)
+
+
+@COMMANDS.command(
+    "audit",
+    "the last admin actions in this conversation (admins)",
+    summary="The last admin actions in this conversation, with old and new values",
+    access=Access.ADMINS,
+    private=True,
+)
+async def _audit(context: CommandContext, args: str) -> str:
+    conversation = await context.conversation()
+    rows = await context.repo.recent_audit(conversation.id, limit=AUDIT_SHOWN, actions_except=(EXPORT_ACTION,))
+    lines = [
+        messages.audit_line(e.created_at, e.actor_name, e.action, e.detail, e.old_value, e.new_value) for e, _ in rows
+    ]
+    return messages.audit_report(lines)
+
+
+@COMMANDS.command(
+    "export",
+    "your own messages here and the replies to them, as a JSON file",
+    summary="Your own messages in this conversation and the replies to them, as a JSON file",
+    private=True,
+)
+async def _export(context: CommandContext, args: str) -> str | RouteResult:
+    conversation = await context.conversation()
+    author = context.message.author
+    platform = context.message.conversation.platform
+    last = await context.repo.last_action_by(platform, author.id, EXPORT_ACTION)
+    now = datetime.now(timezone.utc)
+    if last is not None and now - last < EXPORT_EVERY:
+        return messages.export_too_soon(int((last + EXPORT_EVERY - now).total_seconds()) + 1)
+    exchanges = await context.repo.author_exchanges(conversation.id, author.id)
+    if not exchanges:
+        return messages.NOTHING_TO_EXPORT
+    data, kept = _export_document(context, exchanges, now)
+    await context.repo.audit(
+        conversation.id,
+        platform=platform,
+        actor_id=author.id,
+        actor_name=author.name,
+        action=EXPORT_ACTION,
+        detail=f"messages={kept} bytes={len(data)}",
+    )
+    replies = sum(1 for exchange in exchanges[len(exchanges) - kept :] if exchange.reply is not None)
+    filename = f"parley-export-{now:%Y%m%d-%H%M%S}.json"
+    return RouteResult(
+        Outcome.COMMAND,
+        reply=messages.export_ready(kept, replies, truncated=kept < len(exchanges)),
+        attachment=Attachment(filename, data),
+        private=True,
+    )
+
+
+def _export_document(context: CommandContext, exchanges: list, now: datetime) -> tuple[bytes, int]:
+    """The export file: the newest exchanges that fit `MAX_EXPORT_BYTES`, oldest first."""
+    key = context.message.conversation
+
+    def item(exchange) -> dict:  # noqa: ANN001
+        message, reply = exchange.message, exchange.reply
+        return {
+            "sent_at": message.created_at.isoformat(),
+            "platform_message_id": message.platform_message_id,
+            "text": message.text,
+            "archived": message.archived,
+            "reply": None if reply is None else {"sent_at": reply.created_at.isoformat(), "text": reply.text},
+        }
+
+    head = {
+        "conversation": {"platform": key.platform, "key": key.key},
+        "author": {"id": context.message.author.id, "name": context.message.author.name},
+        "exported_at": now.isoformat(),
+    }
+    items: list[dict] = []
+    size = len(json.dumps(head)) + 64
+    for exchange in reversed(exchanges):
+        entry = item(exchange)
+        cost = len(json.dumps(entry, ensure_ascii=False).encode()) + 2
+        if items and size + cost > MAX_EXPORT_BYTES:
+            break
+        items.append(entry)
+        size += cost
+    items.reverse()
+    document = {**head, "truncated": len(items) < len(exchanges), "messages": items}
+    return json.dumps(document, ensure_ascii=False).encode(), len(items)

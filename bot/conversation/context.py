@@ -3,8 +3,9 @@
 `JobsPort` and `HealthPort` are the few calls the router and the commands make on the job queue
 and the generation backend; `bot.jobs.GenerationQueue` and every `GenerationClient` satisfy them
 structurally, so this package never imports the layers above it. `CommandContext` is all a
-command handler sees: the message, its conversation, the defaults, storage, the queue, the
-backend's health and an `audit()` helper. Not the router.
+command handler sees: the message, its conversation, the defaults, storage, the queue and the
+backend's health. Not the router. Admin changes write their audit rows themselves, in the
+change's transaction (`storage.conversations`).
 """
 
 from __future__ import annotations
@@ -101,15 +102,3 @@ class CommandContext:
 
     def system_prompt_of(self, conversation: Conversation) -> str:
         return effective_system_prompt(conversation, self.defaults.system_prompt)
-
-    async def audit(self, action: str, detail: str) -> None:
-        """Write an admin action to the audit table (who, where, what)."""
-        conversation = await self.conversation()
-        await self.repo.audit(
-            conversation.id,
-            platform=self.message.conversation.platform,
-            actor_id=self.message.author.id,
-            actor_name=self.message.author.name,
-            action=action,
-            detail=detail,
-        )

@@ -8,7 +8,9 @@ module renders them to text. Adapters add only their platform's own words (Teleg
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from bot.core.contracts import QueueLimit, Refusal, RefusalKind
@@ -22,6 +24,8 @@ __all__ = [
     "EMPTY_REPLY",
     "STOPPED",
     "UNEXPECTED_ERROR",
+    "STORAGE_UNAVAILABLE",
+    "ASK_USAGE",
     "JOB_CRASHED",
     "TEXT_ONLY",
     "job_failed",
@@ -47,6 +51,15 @@ __all__ = [
     "model_line",
     "forgot",
     "NOTHING_TO_FORGET",
+    "audit_value",
+    "audit_line",
+    "audit_report",
+    "NO_AUDIT",
+    "export_ready",
+    "export_too_soon",
+    "NOTHING_TO_EXPORT",
+    "EXPORT_IN_PRIVATE",
+    "EXPORT_NO_FILES",
 ]
 
 
@@ -96,6 +109,8 @@ def could_not_handle(reason: str) -> str:
 
 
 UNEXPECTED_ERROR = "Sorry, something went wrong on my side. The error was logged."
+ASK_USAGE = "Usage: /ask your question"
+STORAGE_UNAVAILABLE = "Sorry, I can't keep track of messages right now, so that one was not taken. Please send it again in a minute."
 JOB_CRASHED = "Sorry, something went wrong while answering. The error was logged."
 EMPTY_REPLY = "(the model gave an empty reply)"
 STOPPED = "[stopped]"
@@ -106,6 +121,10 @@ TEXT_ONLY = "I can only read text messages for now."
 def job_failed(reason: str) -> str:
     """A job the backend refused (too long for the context, out of memory for it...)."""
     return f"Sorry, I could not answer that: {reason}"
+
+
+BACKEND_BUSY = "Sorry, the model server is overloaded; try again in a minute."
+"""A job the model server kept refusing as busy or failing (HTTP 429, 503 ...) while it was retried."""
 
 
 def backend_gave_up(attempts: int) -> str:
@@ -250,3 +269,55 @@ def forgot(archived: int, cancelled: int) -> str:
         return NOTHING_TO_FORGET
     reply = f"Forgot {plural(archived, 'message')} (yours and the replies to them)"
     return reply + (f"; {plural(cancelled, 'waiting reply', 'waiting replies')} cancelled." if cancelled else ".")
+
+
+# -- the audit trail and a person's own data ----------------------------------------------------
+
+NO_AUDIT = "No admin actions have been recorded in this conversation."
+
+
+def audit_value(raw: str | None, limit: int = 60) -> str:
+    """An audit row's old or new value (JSON) for people: `null` is the configured default."""
+    if raw is None:
+        return ""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return clip(raw, limit)
+    if value is None:
+        return "(default)"
+    if value == "":
+        return "(none)"
+    if isinstance(value, dict):
+        return clip(" ".join(f"{k}={'default' if v is None else v}" for k, v in value.items()), limit)
+    return clip(repr(value) if isinstance(value, str) else str(value), limit)
+
+
+def audit_line(
+    when: datetime, actor: str, action: str, detail: str, old: str | None, new: str | None, where: str = ""
+) -> str:
+    """One admin action: "2026-12-03 10:00 UTC Alice /system: 'Be brief.' → 'Be kind.'"."""
+    stamp = when.strftime("%Y-%m-%d %H:%M UTC")
+    change = f"{audit_value(old)} → {audit_value(new)}" if old is not None or new is not None else clip(detail, 80)
+    place = f" in {where}" if where else ""
+    return f"{stamp} {clip(actor, 40)}{place} /{action}: {change}".rstrip()
+
+
+def audit_report(lines: Sequence[str]) -> str:
+    if not lines:
+        return NO_AUDIT
+    return "\n".join([f"The last {plural(len(lines), 'admin action')} here, newest first:", *lines])
+
+
+NOTHING_TO_EXPORT = "You have no messages stored in this conversation."
+EXPORT_IN_PRIVATE = "Your export may hold private text: ask me for /export in a private chat with me."
+EXPORT_NO_FILES = "This platform cannot send files; your export was not made."
+
+
+def export_ready(messages: int, replies: int, truncated: bool) -> str:
+    text = f"Your {plural(messages, 'message')} here and {plural(replies, 'reply', 'replies')} to them, as JSON."
+    return text + (" Only the newest fitted the size limit." if truncated else "")
+
+
+def export_too_soon(seconds: int) -> str:
+    return f"You can export once every 10 minutes; try again in {seconds} s."

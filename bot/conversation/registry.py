@@ -92,8 +92,9 @@ class Variant:
     arguments: tuple[Argument, ...] = ()
 
 
-Handler = Callable[["CommandContext", str], Awaitable[str]]
-"""`handler(context, args) -> answer`: `args` is the text after the command's name."""
+Handler = Callable[["CommandContext", str], Awaitable["str | RouteResult"]]
+"""`handler(context, args) -> answer`: `args` is the text after the command's name. The answer is
+text, or a whole `RouteResult` for more than text (a file, `RouteResult.attachment`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,4 +199,6 @@ class CommandRegistry:
             refusal = Refusal(RefusalKind.NOT_ADMIN, command=command.name)
             return RouteResult(Outcome.COMMAND, reply=messages.render_refusal(refusal), refusal=refusal, private=True)
         answer = await command.handler(dataclasses.replace(context, command=command), parsed.args)
+        if isinstance(answer, RouteResult):
+            return dataclasses.replace(answer, private=answer.private or command.private)
         return RouteResult(Outcome.COMMAND, reply=answer, private=command.private)

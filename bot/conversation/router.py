@@ -3,6 +3,11 @@
 A command goes to the command registry (which checks permissions and runs it); a message the
 bot should answer is recorded and queued; any other message is only recorded as context.
 Outcomes are values (`RouteResult`); their sentences come from `bot.conversation.messages`.
+
+Every update takes effect once. Messages are recorded once by their platform id; a command's
+change, its audit row and the record that its update was handled are one transaction (storage
+claims the update `Repository.handling` names), and read-only commands and refusals record
+theirs too, so a command delivered again does nothing and says nothing (`Outcome.DUPLICATE`).
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from bot.conversation import messages
 from bot.conversation.commands import COMMANDS, MAX_COMMAND_CHARS
 from bot.conversation.context import CommandContext, ConversationDefaults, HealthPort, JobsPort
 from bot.conversation.limits import UserRateLimit
-from bot.conversation.registry import CommandRegistry, parse_command
+from bot.conversation.registry import CommandRegistry, ParsedCommand, parse_command
 from bot.core.contracts import Outcome, Refusal, RefusalKind, RouteResult
-from bot.core.errors import ParleyError, QueueFull
+from bot.core.errors import ParleyError, QueueFull, StorageError, StorageUnavailable, UpdateAlreadyHandled
 from bot.core.text import normalize_text
 from bot.core.types import ConversationKey, GenerationSettings, IncomingMessage, Role
 
@@ -62,14 +67,41 @@ class Router:
         self.rate_limit = rate_limit or UserRateLimit(queue_limits.user_messages_per_minute)
         self.commands = commands
         self._bot_usernames: dict[str, str] = {}
+        self._storage_down = False
 
     def set_bot_username(self, platform: str, username: str) -> None:
         """So `/cmd@thisbot` is ours and `/cmd@otherbot` is not."""
         self._bot_usernames[platform] = username
 
     async def handle(self, message: IncomingMessage) -> RouteResult:
+        """What to do with `message`. When storage is unavailable nothing is recorded and the
+        author is asked to send it again (adapters that can have the update delivered again call
+        `handle_update` instead)."""
+        try:
+            result = await self.handle_update(message)
+        except StorageUnavailable as exc:
+            if not self._storage_down:
+                self._storage_down = True
+                log.warning("storage is unavailable, messages are refused until it is back: %s", exc)
+            return RouteResult(Outcome.ERROR, reply=messages.STORAGE_UNAVAILABLE, private=True)
+        if self._storage_down:
+            self._storage_down = False
+            log.info("storage is available again")
+        return result
+
+    async def handle_update(self, message: IncomingMessage) -> RouteResult:
+        """`handle` for adapters that can have an update delivered again (Telegram): when storage
+        is unavailable this raises `StorageUnavailable` having recorded nothing, and the adapter
+        leaves the update unconfirmed and tries it again later."""
         try:
             return await self._handle(message)
+        except StorageUnavailable:
+            raise
+        except UpdateAlreadyHandled:
+            return RouteResult(Outcome.DUPLICATE)
+        except StorageError:
+            log.exception("storage failed on message %s in %s", message.message_id, message.conversation)
+            return RouteResult(Outcome.ERROR, reply=messages.UNEXPECTED_ERROR, private=True)
         except ParleyError as exc:
             log.warning("could not handle message %s in %s: %s", message.message_id, message.conversation, exc)
             return RouteResult(Outcome.ERROR, reply=messages.could_not_handle(str(exc)), private=True)
@@ -87,13 +119,12 @@ class Router:
             command = parse_command(text, self._bot_usernames.get(message.conversation.platform))
             if command is None:
                 return RouteResult(Outcome.IGNORED)
-            if len(text) > max(limit, MAX_COMMAND_CHARS):
-                return _refused(Outcome.REFUSED, Refusal(RefusalKind.TOO_LONG, count=len(text), command=command.name))
-            return await self.commands.run(self.command_context(message), command)
+            return await self._command(message, text, command)
         if not text:
             return RouteResult(Outcome.IGNORED)
         if message.addressed and len(text) > limit:
-            return _refused(Outcome.REFUSED, Refusal(RefusalKind.TOO_LONG, count=len(text), maximum=limit))
+            refusal = Refusal(RefusalKind.TOO_LONG, count=len(text), maximum=limit)
+            return await self._refuse_once(message, Outcome.REFUSED, refusal)
         conversation = await self._conversation_for(message)
         if not message.addressed:
             await self.repo.record_message(
@@ -107,9 +138,11 @@ class Router:
                 created_at=message.sent_at,
             )
             return RouteResult(Outcome.RECORDED)
+        if await self.repo.was_handled(message):  # refused before, then delivered again
+            return RouteResult(Outcome.DUPLICATE)
         wait = self.rate_limit.check(message.conversation.platform, message.author.id)
         if wait is not None:
-            return _refused(Outcome.BUSY, Refusal(RefusalKind.RATE_LIMITED, seconds=wait))
+            return await self._refuse_once(message, Outcome.BUSY, Refusal(RefusalKind.RATE_LIMITED, seconds=wait))
         try:
             job, created = await self.jobs.enqueue(conversation.id, message, text)
         except QueueFull as exc:
@@ -119,6 +152,34 @@ class Router:
             return RouteResult(Outcome.DUPLICATE, job_id=job.id if job else None)
         return RouteResult(Outcome.QUEUED, job_id=job.id if job else None)
 
+    async def _command(self, message: IncomingMessage, text: str, command: ParsedCommand) -> RouteResult:
+        if await self.repo.was_handled(message):
+            return RouteResult(Outcome.DUPLICATE)
+        if len(text) > max(self.max_input_chars, MAX_COMMAND_CHARS):
+            refusal = Refusal(RefusalKind.TOO_LONG, count=len(text), command=command.name)
+            return await self._refuse_once(message, Outcome.REFUSED, refusal)
+        wait = self.rate_limit.check(message.conversation.platform, message.author.id)
+        if wait is not None:
+            return await self._refuse_once(message, Outcome.BUSY, Refusal(RefusalKind.RATE_LIMITED, seconds=wait))
+        with self.repo.handling(message) as claim:
+            result = await self.commands.run(self.command_context(message), command)
+        # A change claimed the update in its own transaction; anything else (reading, refusing,
+        # a usage answer) records it now, and answers only if it was the first to.
+        if not claim.claimed and not await self.repo.mark_handled(message):
+            return RouteResult(Outcome.DUPLICATE)
+        return result
+
+    async def _refuse_once(self, message: IncomingMessage, outcome: Outcome, refusal: Refusal) -> RouteResult:
+        if not await self.repo.mark_handled(message):
+            return RouteResult(Outcome.DUPLICATE)
+        return _refused(outcome, refusal)
+
+    async def claim_update(self, message: IncomingMessage) -> bool:
+        """For what an adapter answers by itself (a welcome, "text only"): record that the update
+        carrying `message` was handled; False when it had been (say nothing then). Raises
+        `StorageUnavailable` like `handle_update`."""
+        return await self.repo.mark_handled(message)
+
     def command_context(self, message: IncomingMessage) -> CommandContext:
         """What a command run for `message` may use."""
         return CommandContext(
@@ -126,9 +187,12 @@ class Router:
         )
 
     async def handle_edit(self, message: IncomingMessage) -> bool:
-        """A user edited a message: the stored text follows (the answer already given stays)."""
-        text = message.text.strip()
-        if not text or message.author.is_bot:
+        """A user edited a message: the stored text follows (the answer already given stays).
+
+        The edit passes the rules a new message does: normalized, and ignored (the stored text
+        stays) when nothing is left or it is over `max_input_chars`."""
+        text = normalize_text(message.text)
+        if not text or message.author.is_bot or len(text) > self.max_input_chars:
             return False
         conversation = await self.repo.find_conversation(message.conversation)
         return conversation is not None and await self.repo.update_message_text(conversation.id, message.message_id, text)

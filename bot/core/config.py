@@ -7,8 +7,10 @@ names an environment variable (`*_env` keys) and `Settings.secret()` reads it.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -27,6 +29,7 @@ __all__ = [
     "TelegramSettings",
     "OpenAISettings",
     "DiscordSettings",
+    "MetricsSettings",
     "load_settings",
     "parse_settings",
     "default_config_path",
@@ -62,6 +65,9 @@ class BotSettings:
     log_file: str = ""
     max_input_chars: int = field(default=8000, metadata=_range(1, 1_000_000))
     """Longer messages get a clear refusal and are not sent to the model."""
+    instance_name: str = ""
+    """A name for this bot process in the owner ids of its jobs and in logs ("" = none); the
+    owner id stays unique per start either way (host, pid and a random part)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +109,17 @@ class StorageSettings:
     """SQLAlchemy URL; empty means a SQLite file in the data folder."""
     url_env: str = ""
     """Name of an environment variable holding the URL (for URLs with passwords)."""
+    keep_days: int = field(default=0, metadata=_range(0, 36_500))
+    """Archived messages and finished jobs older than this many days are deleted by a daily sweep; 0 keeps them."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    enabled: bool = False
+    """Serve /metrics (Prometheus), /healthz and /readyz."""
+    host: str = "127.0.0.1"
+    port: int = field(default=9464, metadata=_range(0, 65_535))
+    """0 picks a free port (tests)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +140,9 @@ class OpenAISettings:
     timeout: float = field(default=120.0, metadata=_range(1, 3_600))
     max_retries: int = field(default=3, metadata=_range(0, 20))
     max_concurrent: int = field(default=32, metadata=_range(1, 4096))
+    busy_timeout: float = field(default=120.0, metadata=_range(0, 86_400))
+    """Seconds a job waits for a busy or failing server (HTTP 408, 429, 5xx), retried with backoff
+    and as its Retry-After asks, before the user is told it is overloaded."""
     """Streams open at once against the server (the queue dispatches up to this many jobs)."""
 
 
@@ -140,6 +160,9 @@ class TelegramSettings:
     admin_cache_seconds: float = field(default=300.0, metadata=_range(0, 86_400))
     edit_interval: float = field(default=1.0, metadata=_range(0, 60))
     """Seconds between edits of a streaming reply, per chat."""
+    lease_seconds: float = field(default=20.0, metadata=_range(1, 3_600))
+    """Only one process polls a token: the one holding its lease in the database, renewed every
+    quarter of this. When the holder dies another takes over within about 1.25 × this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +179,12 @@ class DiscordSettings:
     edit_interval: float = field(default=1.0, metadata=_range(0, 60))
     """Seconds between edits of a streaming reply, per channel."""
     ready_timeout: float = field(default=60.0, metadata=_range(1, 3_600))
+    catch_up_minutes: float = field(default=10.0, metadata=_range(0, 10_080))
+    """After a start or a gateway session that could not resume: messages people sent meanwhile
+    that are at most this old get their answer; older ones are kept as context. 0: no catching up."""
+    lease_seconds: float = field(default=20.0, metadata=_range(1, 3_600))
+    """Only one process holds the gateway session of a token: the one holding its lease in the
+    database, renewed every quarter of this. When it dies another connects within about 1.25 × this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +199,7 @@ class Settings:
     openai: OpenAISettings = field(default_factory=OpenAISettings)
     telegram: TelegramSettings = field(default_factory=TelegramSettings)
     discord: DiscordSettings = field(default_factory=DiscordSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: str = "defaults"
     """Where these settings came from (a path, or "defaults"); not a TOML key."""
 
@@ -188,6 +218,21 @@ class Settings:
 
     def with_overrides(self, **sections: Any) -> Settings:
         return replace(self, **sections)
+
+    def secret_values(self) -> list[str]:
+        """Every secret these settings lead to, for scrubbing logs and printed text: the values of
+        the environment variables named by `*_env` keys, and passwords inside URLs (an inline
+        [storage] url, the URL from url_env, an [openai] base_url with credentials)."""
+        names = [self.telegram.token_env, self.discord.token_env, self.storage.url_env, self.openai.api_key_env]
+        values = [os.environ.get(name, "").strip() for name in names if name]
+        for url in (self.storage.url, os.environ.get(self.storage.url_env, "") if self.storage.url_env else "", self.openai.base_url):
+            try:
+                password = urlsplit(url.strip()).password
+            except ValueError:
+                password = None
+            if password:
+                values.append(password)
+        return [value for value in values if value]
 
     @staticmethod
     def secret(section: str, key: str, env_name: str) -> str:
@@ -213,6 +258,8 @@ def _check_value(section: str, key: str, value: Any, expected: type, meta: Any) 
         raise ConfigError(f"{where} must be true or false, not {value!r}")
     if expected in (int, float) and (isinstance(value, bool) or not isinstance(value, expected)):
         raise ConfigError(f"{where} must be {'an integer' if expected is int else 'a number'}, not {value!r}")
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, not {value!r}")
     if expected is str and not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, not {value!r}")
     if get_origin(expected) is tuple:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from bot.core.types import ConversationKey, IncomingMessage
@@ -22,6 +23,8 @@ __all__ = [
     "QueueLimit",
     "Refusal",
     "RouteResult",
+    "Attachment",
+    "KnownConversation",
     "Adapter",
     "ReplyStream",
 ]
@@ -81,6 +84,16 @@ class Refusal:
 
 
 @dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file a command answers with (`/export`): adapters that can send files deliver it with
+    `RouteResult.reply` as its caption; the others show the reply text alone."""
+
+    filename: str
+    data: bytes
+    media_type: str = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
 class RouteResult:
     """What the core did. `reply`, when set, is a short answer the adapter shows the author
     (a command's answer, a refusal); generated replies come through a ReplyStream."""
@@ -92,12 +105,36 @@ class RouteResult:
     private: bool = False
     """The answer concerns the author only (a refusal, an error, a personal listing): platforms
     that can show it to the author alone (Discord's ephemeral answers) should."""
+    attachment: Attachment | None = None
+    """A file for the author (private): see `Attachment`."""
+
+
+@dataclass(frozen=True, slots=True)
+class KnownConversation:
+    """A conversation the core has stored, as an adapter sees it (to catch up on what it missed)."""
+
+    key: ConversationKey
+    is_direct: bool
+    last_message_at: datetime | None
+    """When the newest message people sent there was sent; None when none was recorded."""
 
 
 class Core(Protocol):
-    """What an adapter may ask of Parley's core (implemented by `bot.conversation.Router`)."""
+    """What an adapter may ask of Parley's core (the runtime hands adapters `bot.conversation.Router`
+    plus what only storage knows)."""
 
     async def handle(self, message: IncomingMessage) -> RouteResult: ...
+
+    async def handle_update(self, message: IncomingMessage) -> RouteResult:
+        """`handle` for platforms that deliver an update again until it is confirmed (Telegram):
+        raises `StorageUnavailable` having recorded nothing, so the adapter leaves the update
+        unconfirmed and tries it again later, instead of an answer."""
+        ...
+
+    async def claim_update(self, message: IncomingMessage) -> bool:
+        """Record that the update carrying `message` was handled, for what an adapter answers by
+        itself (a welcome); False when it had been (say nothing then)."""
+        ...
 
     async def handle_edit(self, message: IncomingMessage) -> bool: ...
 
@@ -107,14 +144,40 @@ class Core(Protocol):
 
     def set_bot_username(self, platform: str, username: str) -> None: ...
 
+    async def conversations_on(self, platform: str) -> Sequence[KnownConversation]:
+        """The conversations stored for `platform`: where messages may have been missed while the
+        adapter was away (platforms that do not redeliver them, like Discord, read those back)."""
+        ...
+
+    async def lease(self, role: str, holder: str, ttl: float) -> bool:
+        """Take or renew `role` (a platform account: "telegram:" + a hash of the token, never the
+        token) for `holder` for `ttl` seconds, through the database every process shares; False
+        while another holds it. The holder must stop acting on the role `ttl` after the start of
+        its last successful call. Raises `StorageUnavailable` when the database cannot say."""
+        ...
+
+    async def release_lease(self, role: str, holder: str) -> None:
+        """Give `role` up at once (a clean stop), so another process takes over without waiting."""
+        ...
+
 
 class ReplyStream(abc.ABC):
     """One generated reply on its way to the platform.
 
     `update` gets the whole text so far (not a delta) and may be called often: the adapter
     throttles edits to its platform's rate. `finish` shows the final text and returns the
-    platform ids of the messages it used. `fail` replaces the reply with an error notice.
+    platform ids of the messages it used; it raises only when the text could not be shown. `fail`
+    replaces the reply with an error notice.
     """
+
+    on_posted: Callable[[list[str]], Awaitable[None]] | None = None
+    """Set by the job queue: awaited with `posted_ids` each time a new message is posted, before
+    the next is sent, so the ids are persisted and a restart edits those messages, not reposts."""
+
+    async def report_posted(self) -> None:
+        """For implementations: call after posting a message (and before posting another)."""
+        if self.on_posted is not None:
+            await self.on_posted(self.posted_ids)
 
     @abc.abstractmethod
     async def update(self, text: str) -> None: ...
@@ -137,6 +200,12 @@ class Adapter(abc.ABC):
     platform: str = ""
     max_message_length: int = 4000
     edit_interval: float = 1.0
+
+    @property
+    def connected(self) -> bool:
+        """Whether the platform is reachable now, for `/readyz` (a standby that does not hold its
+        platform's lease counts as connected: it is ready to take over)."""
+        return True
 
     @abc.abstractmethod
     async def start(self, core: Core) -> None:

@@ -6,11 +6,15 @@ __all__ = [
     "ParleyError",
     "ConfigError",
     "StorageError",
+    "JobNotOwned",
+    "StorageUnavailable",
+    "UpdateAlreadyHandled",
     "AdapterError",
     "QueueFull",
     "GenerationError",
     "JobFailed",
     "BackendDown",
+    "BackendBusy",
     "BackendStartError",
     "WorkerDead",
     "WorkerStartError",
@@ -27,6 +31,17 @@ class ConfigError(ParleyError):
 
 class StorageError(ParleyError):
     """The database could not be reached or migrated."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be used for now (locked past its busy timeout, disk full, server down).
+
+    Nothing was recorded; the same operation may succeed later. An adapter that can have an
+    update delivered again leaves it unconfirmed and retries it instead of answering."""
+
+
+class UpdateAlreadyHandled(ParleyError):
+    """A platform update was handled before (delivered again after a crash): it changes nothing."""
 
 
 class AdapterError(ParleyError):
@@ -59,6 +74,12 @@ class BackendDown(GenerationError):
     server became unreachable); the job itself may be fine and may be retried."""
 
 
+class BackendBusy(JobFailed):
+    """The model server stayed busy or failing (HTTP 408, 429, 5xx) past the time allowed to wait
+    for it: the job failed without any sign that it hurt the backend, so it is no suspect; the
+    message names the server's answer."""
+
+
 class BackendStartError(GenerationError):
     """The generation backend did not come up; the message names the setting to change."""
 
@@ -69,3 +90,8 @@ class WorkerDead(BackendDown):
 
 class WorkerStartError(BackendStartError):
     """The worker process did not come up: it crashed while loading or missed the READY deadline."""
+
+
+class JobNotOwned(StorageError):
+    """This process no longer owns the job (a sibling took it over after missing heartbeats, or it
+    was queued again): the attempt stops and stores nothing more of it."""

@@ -11,9 +11,14 @@ Usage::
 
 How failures map onto the queue's contract:
 
-* the server cannot be reached (refused, timed out; after the library's own `[openai] max_retries`
-  retries with backoff), it answers 408/429/5xx, or the stream breaks off mid-reply → `BackendDown`:
-  the queue retries the job up to `[worker] max_attempts`, then tells the user;
+* the server answers 408/429/5xx (busy, rate limited, failing): asked again here, with backoff,
+  waiting as long as its `Retry-After` says (seconds or an HTTP date), for up to
+  `[openai] busy_timeout` seconds; then `BackendBusy` (a `JobFailed`: the job is no suspect, the
+  queue keeps its concurrency, and the user reads that the server is overloaded). A busy server
+  is not a crashed worker;
+* the server cannot be reached (refused, timed out; after `[openai] max_retries` retries with
+  backoff), or the stream breaks off mid-reply → `BackendDown`: the queue retries the job up to
+  `[worker] max_attempts`, then tells the user;
 * any other 4xx (bad request, unknown model, wrong API key...) → `JobFailed` with the server's message.
 
 Prompt length: the worker trims a chat to its context window itself; a server would reject it
@@ -21,6 +26,10 @@ instead. So when the context window is known (`[model] context_window` if set, e
 server's /models entry says, as vLLM's `max_model_len` does) the oldest turns are left out here
 with `bot.generation.prompt.fit_to_budget` and a rough counter (4 characters a token, plus a few tokens a
 message). When neither tells, the chat is sent whole and the server decides.
+
+People's text is data: before a chat is sent, everything in it that looks like a chat template's
+control token (`<|im_start|>`, `</s>`, `[INST]`, `<start_of_turn>` ...) is broken with a zero-width
+space (`bot.generation.prompt.neutralize_markers`), so the server's tokenizer reads it as text.
 
 The API key is read from the environment variable `[openai] api_key_env` names, and is never logged.
 """
@@ -30,7 +39,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import openai
 
-from bot.core.errors import BackendDown, BackendStartError, JobFailed
+from bot.core.errors import BackendBusy, BackendDown, BackendStartError, JobFailed
 from bot.generation.client import (
     BackendHealth,
     GenerationClient,
@@ -47,13 +59,13 @@ from bot.generation.client import (
     ModelInfo,
     TextDelta,
 )
-from bot.generation.prompt import fit_to_budget
+from bot.generation.prompt import fit_to_budget, neutralize_markers
 from bot.core.types import ChatMessage
 
 if TYPE_CHECKING:
     from bot.core.config import Settings
 
-__all__ = ["OpenAIGenerationClient", "rough_token_count"]
+__all__ = ["OpenAIGenerationClient", "rough_token_count", "retry_after_seconds"]
 
 log = logging.getLogger("parley.openai")
 
@@ -61,9 +73,33 @@ log = logging.getLogger("parley.openai")
 _NO_KEY = "not-needed"
 # Keys of a /models entry that hold the context length, by server (vLLM, LM Studio/OpenRouter, others).
 _CONTEXT_KEYS = ("max_model_len", "context_length", "context_window", "max_context_length")
-# Statuses the server may answer to a healthy request later: the job is retried, not failed.
+# Statuses the server may answer to a healthy request later (with any 5xx): asked again, not failed.
 _RETRYABLE_STATUS = {408, 429}
+_BUSY_FIRST_WAIT, _BUSY_MAX_WAIT = 0.5, 30.0  # seconds, doubling, when the server names no wait
 _PING_TIMEOUT = 5.0
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The wait a response asks for: `Retry-After-Ms`, or `Retry-After` in seconds or as an HTTP
+    date (never negative); None when it names none."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(float(millis) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = (headers.get("retry-after") or "").strip()
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
 
 
 def rough_token_count(messages: Sequence[ChatMessage]) -> int:
@@ -85,6 +121,7 @@ class OpenAIGenerationClient(GenerationClient):
         self.settings = settings
         self.config = settings.openai
         self._client: openai.AsyncOpenAI | None = None
+        self._streams: openai.AsyncOpenAI | None = None  # the same, retrying nothing by itself
         self._info: ModelInfo | None = None
         self._jobs: dict[int, _Job] = {}
         self._alive = False
@@ -121,6 +158,7 @@ class OpenAIGenerationClient(GenerationClient):
                 f"the model server at {base_url} ([openai] base_url) answered GET /models with "
                 f"HTTP {exc.status_code}: {_server_message(exc)}{hint}"
             ) from None
+        self._streams = self._client.with_options(max_retries=0)
         names = [m.id for m in models]
         name = self.config.model
         if not name:
@@ -160,6 +198,7 @@ class OpenAIGenerationClient(GenerationClient):
         await self._close_client()
 
     async def _close_client(self) -> None:
+        self._streams = None
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()
@@ -173,6 +212,9 @@ class OpenAIGenerationClient(GenerationClient):
         if job_id in self._jobs:
             raise JobFailed(f"job {job_id} is already running")
         messages, dropped = self._fit(request)
+        # The server applies its own template to what it gets: people's text (the admin's system
+        # prompt too) must not carry anything its tokenizer could read as a control token.
+        messages = tuple(ChatMessage(m.role, neutralize_markers(m.content)) for m in messages)
         job = _Job()
         self._jobs[job_id] = job
         job.pump = asyncio.create_task(self._pump(job, request, messages, dropped), name=f"parley-openai-{job_id}")
@@ -222,15 +264,7 @@ class OpenAIGenerationClient(GenerationClient):
         prompt_tokens = completion_tokens = 0
         try:
             try:
-                stream = await self._client.chat.completions.create(
-                    model=self._info.name,
-                    messages=[m.to_dict() for m in messages],  # type: ignore[misc]
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    temperature=settings.temperature,
-                    top_p=settings.top_p,
-                    max_tokens=settings.max_new_tokens,
-                )
+                stream = await self._open_stream(request.job_id, messages, settings)
                 self._mark_alive()
                 async for chunk in stream:
                     if chunk.usage is not None:
@@ -249,6 +283,9 @@ class OpenAIGenerationClient(GenerationClient):
             if job.cancelled:
                 job.queue.put_nowait(GenerationResult("cancelled", prompt_tokens, completion_tokens, dropped))
             raise
+        except BackendBusy as exc:
+            job.queue.put_nowait(exc)
+            return
         except openai.APIStatusError as exc:
             job.queue.put_nowait(self._status_error(exc))
             return
@@ -259,12 +296,63 @@ class OpenAIGenerationClient(GenerationClient):
         except openai.APIError as exc:  # an error event inside the stream
             job.queue.put_nowait(JobFailed(f"the model server reported an error: {_server_message(exc)}"))
             return
+        except Exception as exc:  # a bug here must end the job, not leave its caller waiting
+            log.exception("job %d: the OpenAI-compatible stream failed unexpectedly", request.job_id)
+            job.queue.put_nowait(JobFailed(f"internal error: {type(exc).__name__}"))
+            return
         if finish is None:
             job.queue.put_nowait(self._dead("the model server ended the stream before the reply was complete"))
             return
         self._mark_alive()
         reason = "length" if finish == "length" else "stop"
         job.queue.put_nowait(GenerationResult(reason, prompt_tokens, completion_tokens, dropped))
+
+    async def _open_stream(self, job_id: int, messages: tuple[ChatMessage, ...], settings: Any) -> Any:
+        """Start the completion stream. A busy or failing server (408, 429, 5xx) is asked again
+        after the wait it names (else a doubling backoff) until `[openai] busy_timeout` would be
+        passed, then `BackendBusy`; a connection that cannot be made is tried `max_retries` more
+        times, then left to `_pump` (`BackendDown`)."""
+        assert self._streams is not None and self._info is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.busy_timeout
+        backoff = _BUSY_FIRST_WAIT
+        connection_failures = 0
+        while True:
+            try:
+                return await self._streams.chat.completions.create(
+                    model=self._info.name,
+                    messages=[m.to_dict() for m in messages],  # type: ignore[misc]
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    temperature=settings.temperature,
+                    top_p=settings.top_p,
+                    max_tokens=settings.max_new_tokens,
+                )
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if status not in _RETRYABLE_STATUS and status < 500:
+                    raise
+                self._mark_alive()  # it answered: up, but busy
+                asked = retry_after_seconds(exc.response.headers)
+                wait = asked if asked is not None else backoff * (0.75 + random.random() / 2)
+                backoff = min(backoff * 2, _BUSY_MAX_WAIT)
+                reason = f"HTTP {status}: {_server_message(exc)}"
+                if loop.time() + wait > deadline:
+                    log.warning(
+                        "job %d: the model server stayed busy for [openai] busy_timeout = %g s (%s)",
+                        job_id, self.config.busy_timeout, reason,
+                    )
+                    raise BackendBusy(
+                        f"the model server stayed busy or failing for {self.config.busy_timeout:g} s "
+                        f"([openai] busy_timeout): {reason}"
+                    ) from None
+                log.info("job %d: the model server is busy (%s); asking again in %.1f s", job_id, reason, wait)
+                await asyncio.sleep(wait)
+            except openai.APIConnectionError:
+                connection_failures += 1
+                if connection_failures > self.config.max_retries:
+                    raise
+                await asyncio.sleep(min(_BUSY_FIRST_WAIT * 2 ** (connection_failures - 1), 8.0))
 
     def _status_error(self, exc: openai.APIStatusError) -> Exception:
         status = exc.status_code

@@ -1,17 +1,42 @@
-"""Fitting a chat into the model's context window by leaving out its oldest turns.
+"""Fitting a chat into the model's context window by leaving out its oldest turns, and keeping
+people's text from reading as a chat template's control tokens.
 
 Pure Python: the worker passes in a `count_tokens` that runs the real chat template, so this
-module never needs to know about tokenizers.
+module never needs to know about tokenizers. The worker knows its tokenizer's control tokens
+exactly (`bot.worker.template`); a serving engine's are unknown, so `neutralize_markers` breaks
+everything that looks like one, for any template.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 from bot.core.errors import JobFailed
 from bot.core.types import ChatMessage
 
-__all__ = ["PromptTooLong", "fit_to_budget"]
+__all__ = ["PromptTooLong", "fit_to_budget", "neutralize_markers", "ZERO_WIDTH_SPACE"]
+
+ZERO_WIDTH_SPACE = "\u200b"
+"""Put inside a control-token string of people's text, so no tokenizer reads it as the token."""
+
+# What chat templates' control tokens look like: <|im_start|>, <|eot_id|>, DeepSeek's <｜User｜>
+# (any "<|" is broken, whatever follows); tags such as <s>, </s>, <bos>, <start_of_turn>,
+# <think>, <tool_call> (and <<SYS>> through its inner <SYS>); bracketed words such as [INST],
+# [/INST], [SYSTEM_PROMPT], [gMASK] (one capital letter or underscore at least, so "[here]"
+# stays as it is).
+_MARKERS = re.compile(
+    r"<[|\uff5c]"
+    r"|</?[A-Za-z_][\w.:\-]{0,40}>"
+    r"|\[/?[A-Za-z0-9]*[A-Z_][A-Za-z0-9_]{0,40}\]"
+)
+
+
+def neutralize_markers(text: str) -> str:
+    """`text` with a zero-width space after the first character of everything that looks like a
+    chat template's control token, so that no server's tokenizer parses it as one. People still
+    read the same text; the model reads it as text."""
+    return _MARKERS.sub(lambda match: match[0][0] + ZERO_WIDTH_SPACE + match[0][1:], text)
 
 
 class PromptTooLong(JobFailed):

@@ -8,16 +8,17 @@ backend went down while holding it.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bot.conversation import messages
-from bot.conversation.history import build_chat, effective_settings
+from bot.conversation.history import MESSAGE_OVERHEAD_CHARS, build_chat, effective_settings, history_char_budget
 from bot.core.contracts import Adapter, ReplyStream
-from bot.core.errors import BackendDown, JobFailed
+from bot.core.errors import BackendBusy, BackendDown, JobFailed
 from bot.core.types import ConversationKey, GenerationSettings, JobStatus
 from bot.generation.client import GenerationClient, GenerationRequest, GenerationResult, TextDelta
 
@@ -38,7 +39,10 @@ class AttemptOutcome(enum.Enum):
     PARKED = "parked"
     """The conversation's platform does not run in this process; the job stays queued."""
     NOT_STARTED = "not_started"
-    """The job was no longer queued when the attempt began (cancelled in between)."""
+    """The job was no longer queued when the attempt began (cancelled in between), or its
+    conversation has a running job (in any process)."""
+    LOST = "lost"
+    """Another process owns the job now (it took it over): this attempt stopped, storing nothing."""
 
     @property
     def final(self) -> bool:
@@ -68,23 +72,49 @@ class JobAttempts:
         self.policy = policy
         self._streams: dict[int, ReplyStream] = {}
         self._cancelled: set[int] = set()
+        self._lost: set[int] = set()
+        self._claimed: set[int] = set()
+
+    @property
+    def claimed(self) -> frozenset[int]:
+        """Jobs an attempt here holds the claim of right now (marked running by this process)."""
+        return frozenset(self._claimed)
+
+    @property
+    def cancelled_jobs(self) -> frozenset[int]:
+        return frozenset(self._cancelled)
 
     def cancelled(self, job_id: int) -> None:
         """The job was cancelled while running; its attempt stores it as cancelled."""
         self._cancelled.add(job_id)
 
+    def lost(self, job_id: int) -> None:
+        """Another process owns the running job now; its attempt here stops and stores nothing."""
+        self._lost.add(job_id)
+
+    async def abandon(self, job_id: int, reason: object) -> AttemptOutcome:
+        """Stop an attempt whose job another process owns now: its generation is cancelled and
+        nothing more is stored or shown (the owner edits the messages already posted)."""
+        log.warning("job %d: another process owns it now; this attempt stops (%s)", job_id, reason)
+        self._claimed.discard(job_id)
+        self._streams.pop(job_id, None)
+        await self.client.cancel(job_id)
+        return AttemptOutcome.LOST
+
+    def ended(self, job_id: int) -> None:
+        """The attempt at the job ended, however: it no longer holds the claim."""
+        self._claimed.discard(job_id)
+
     def forget(self, job_id: int) -> None:
         """The job reached a final state; drop what was kept for its retries."""
         self._streams.pop(job_id, None)
         self._cancelled.discard(job_id)
+        self._lost.discard(job_id)
 
     async def notify_failure(self, job_id: int, notice: str) -> None:
         stream = self._streams.get(job_id)
         if stream is not None:
-            try:
-                await stream.fail(notice)
-            except Exception:
-                log.exception("could not tell the user that job %d failed", job_id)
+            await self._show(job_id, stream.fail(notice))
 
     async def run(self, job_id: int, conversation_id: int) -> AttemptOutcome:
         conversation = await self.repo.get_conversation(conversation_id)
@@ -95,11 +125,21 @@ class JobAttempts:
             return AttemptOutcome.PARKED
         job = await self.repo.get_job(job_id)
         trigger = await self.repo.get_message(job.message_id)
-        history = await self.repo.history(conversation_id, up_to_message_id=job.message_id)
+        # Only what the context could hold (by a generous characters-a-token bound; the backend
+        # trims by tokens), with every reply finished by now after its question.
+        info = self.client.model_info
+        history = await self.repo.prompt_history(
+            conversation_id,
+            up_to_message_id=job.message_id,
+            max_chars=history_char_budget(info.context_window if info else 0),
+            message_chars=MESSAGE_OVERHEAD_CHARS,
+        )
         chat = build_chat(conversation, history, self.policy.default_system_prompt)
         settings = effective_settings(conversation, self.policy.default_settings)
         if not await self.repo.mark_running(job_id, [m.to_dict() for m in chat]):
             return AttemptOutcome.NOT_STARTED
+        self._claimed.add(job_id)  # released by `ended` (the queue calls it however the attempt ends)
+        self._lost.discard(job_id)
         stream = self._streams.get(job_id)
         if stream is None:
             # After a crash, the messages the interrupted attempt posted are edited, not reposted.
@@ -107,43 +147,44 @@ class JobAttempts:
             key = ConversationKey(conversation.platform, conversation.key)
             stream = await adapter.open_reply(key, trigger.platform_message_id if trigger else None, resume)
             self._streams[job_id] = stream
+        if job.reply_message_id is not None:
+            # An attempt stored this reply and died before it was shown in full: show that text.
+            stored = await self.repo.get_message(job.reply_message_id)
+            if stored is not None and not stored.archived:
+                stream.on_posted = self._id_saver(job_id, job.reply_platform_ids)
+                return await self._deliver(job_id, stream, stored.text, stored=True)
+        # Every posted id is saved before the stream sends the next message (it awaits this).
+        stream.on_posted = persist = self._id_saver(job_id, job.reply_platform_ids)
         text = ""
         result: GenerationResult | None = None
-        saved_ids = list(job.reply_platform_ids or ())
         try:
             async for event in self.client.submit(GenerationRequest(job_id, chat, settings)):
                 if isinstance(event, TextDelta):
                     text += event.text
                     if text.strip():
                         await stream.update(text.lstrip())  # as the final reply will be: stripped
-                        if stream.posted_ids != saved_ids:  # a new message was posted: remember it
-                            saved_ids = stream.posted_ids
-                            await self.repo.set_reply_platform_ids(job_id, saved_ids)
+                        await persist(stream.posted_ids)  # for a stream that does not report them
                 else:
                     result = event
         except BackendDown as exc:
+            if job_id in self._lost:
+                return await self.abandon(job_id, "taken over")
             return await self._backend_down(job_id, stream, exc)
         except JobFailed as exc:
             await self.repo.fail_job(job_id, str(exc))
-            await stream.fail(messages.job_failed(str(exc)))
+            notice = messages.BACKEND_BUSY if isinstance(exc, BackendBusy) else messages.job_failed(str(exc))
+            await self._show(job_id, stream.fail(notice))
             return AttemptOutcome.FAILED
+        if job_id in self._lost:
+            return await self.abandon(job_id, "taken over")
         if job_id in self._cancelled or (result is not None and result.finish_reason == "cancelled"):
             await self.repo.cancel_job(job_id)
             if text.strip():
-                await stream.finish(f"{text}\n{messages.STOPPED}")
+                await self._show(job_id, stream.finish(f"{text}\n{messages.STOPPED}"))
             else:
-                await stream.fail(messages.STOPPED)
+                await self._show(job_id, stream.fail(messages.STOPPED))
             return AttemptOutcome.CANCELLED
-        reply = text.strip() or messages.EMPTY_REPLY
-        platform_ids = await stream.finish(reply)
-        await self.repo.finish_job(
-            job_id,
-            reply_text=reply,
-            author_id="parley",
-            author_name=self.policy.bot_name,
-            platform_message_id=platform_ids[0] if platform_ids else None,
-        )
-        return AttemptOutcome.DONE
+        return await self._deliver(job_id, stream, text.strip() or messages.EMPTY_REPLY)
 
     async def _backend_down(self, job_id: int, stream: ReplyStream, exc: BackendDown) -> AttemptOutcome:
         attempts = await self.repo.requeue_job(job_id, f"backend down: {exc}")
@@ -151,7 +192,59 @@ class JobAttempts:
         if attempts >= limit:
             log.error("job %d: the backend went down %d times while answering it; giving up", job_id, attempts)
             await self.repo.fail_job(job_id, f"backend down {attempts} times")
-            await stream.fail(messages.backend_gave_up(attempts))
+            await self._show(job_id, stream.fail(messages.backend_gave_up(attempts)))
             return AttemptOutcome.FAILED
         log.warning("job %d: the backend went down (attempt %d of %d); it will be retried", job_id, attempts, limit)
         return AttemptOutcome.REQUEUED
+
+    async def _deliver(self, job_id: int, stream: ReplyStream, reply: str, *, stored: bool = False) -> AttemptOutcome:
+        """Store the final reply, show it, then end the job. Stored first, so no trouble delivering
+        it can lose it (the stream retries, then posts anew); ended last, so a crash in between
+        leaves the job running with its reply stored, and the restarted attempt shows that very
+        text (`stored=True`) instead of generating anew. The job fails only when nothing of it
+        could be shown, and the text is kept (archived) even then."""
+        if not stored:
+            await self.repo.finish_job(
+                job_id,
+                reply_text=reply,
+                author_id="parley",
+                author_name=self.policy.bot_name,
+                platform_message_id=stream.posted_ids[0] if stream.posted_ids else None,
+                done=False,
+            )
+        error = await self._show(job_id, stream.finish(reply))
+        shown = error is None or bool(stream.posted_ids)  # a terminal shows without message ids
+        ended = await self.repo.complete_job(
+            job_id,
+            shown=shown,
+            platform_message_id=stream.posted_ids[0] if stream.posted_ids else None,
+            error="" if shown else f"the reply could not be shown: {type(error).__name__}: {error}",
+        )
+        if not ended:  # cancelled while it was being shown: its reply is archived
+            return AttemptOutcome.CANCELLED
+        return AttemptOutcome.DONE if shown else AttemptOutcome.FAILED
+
+    @staticmethod
+    async def _show(job_id: int, delivery: Awaitable[object]) -> Exception | None:
+        """Await a reply stream's finish or fail; the platform's refusal (after the stream's own
+        retries) is logged and returned, not raised: what was generated is stored regardless."""
+        try:
+            await delivery
+        except Exception as exc:  # noqa: BLE001 - a platform's errors are the adapter's types
+            log.warning("job %d: the reply could not be shown in full: %s: %s", job_id, type(exc).__name__, exc)
+            return exc
+        return None
+
+    def _id_saver(self, job_id: int, saved: Sequence[str] | None) -> Callable[[list[str]], Awaitable[None]]:
+        """Saves a reply's posted ids when they change, one save at a time, in call order."""
+        last = list(saved or ())
+        lock = asyncio.Lock()
+
+        async def persist(ids: list[str]) -> None:
+            nonlocal last
+            async with lock:
+                if list(ids) != last:
+                    await self.repo.set_reply_platform_ids(job_id, ids)
+                    last = list(ids)
+
+        return persist

@@ -4,29 +4,38 @@ and every secret Parley holds redacted from every line, whatever library wrote i
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from bot.core.config import Settings
 from bot.core.context import current_job
 
-__all__ = ["setup_logging", "RedactingFormatter", "JobContext"]
+__all__ = ["setup_logging", "Redactor", "RedactingFormatter", "JobContext"]
 
 
-class RedactingFormatter(logging.Formatter):
-    """Replaces every secret Parley holds (bot tokens, database URLs from the environment) with
-    "***" in each log line, tracebacks included, whatever library wrote it."""
+class Redactor:
+    """Replaces every secret Parley holds with "***" in a text (longest first, so a secret that
+    contains another is hidden whole). Secrets shorter than 6 characters are not hunted: they
+    would blank out ordinary words."""
 
-    def __init__(self, fmt: str, secrets: Sequence[str]) -> None:
-        super().__init__(fmt)
+    def __init__(self, secrets: Sequence[str]) -> None:
         self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+    def __call__(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text
+
+
+class RedactingFormatter(logging.Formatter):
+    """Every log line, tracebacks included, whatever library wrote it, through a `Redactor`."""
+
+    def __init__(self, fmt: str, redact: Redactor) -> None:
+        super().__init__(fmt)
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redact(super().format(record))
 
 
 class JobContext(logging.Filter):
@@ -38,18 +47,12 @@ class JobContext(logging.Filter):
         return True
 
 
-def _secrets(settings: Settings) -> list[str]:
-    names = [settings.telegram.token_env, settings.discord.token_env, settings.storage.url_env]
-    values = [os.environ.get(name, "") for name in names if name]
-    return [v.strip() for v in values if v.strip()]
-
-
 def setup_logging(settings: Settings, *, quiet: bool, verbose: bool) -> None:
     level = logging.DEBUG if verbose else (logging.WARNING if quiet else getattr(logging, settings.bot.log_level))
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.bot.log_file:
         handlers.append(logging.FileHandler(settings.bot.log_file, encoding="utf-8"))
-    formatter = RedactingFormatter("%(asctime)s %(levelname)s %(name)s%(job)s: %(message)s", _secrets(settings))
+    formatter = RedactingFormatter("%(asctime)s %(levelname)s %(name)s%(job)s: %(message)s", Redactor(settings.secret_values()))
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.addFilter(JobContext())

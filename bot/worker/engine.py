@@ -25,6 +25,7 @@ from bot.generation.client import GenerationResult, ModelInfo
 from bot.generation.prompt import fit_to_budget
 from bot.worker.batch import DecodeBatch, EngineJob, Row, can_splice, default_kv_budget_bytes, kv_bytes_per_token
 from bot.worker.detokenizer import IncrementalDetokenizer
+from bot.worker.template import ChatTemplater
 
 __all__ = ["LoadedModel", "Engine", "EngineStats"]
 
@@ -94,6 +95,7 @@ class Engine:
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
+        self.templater = ChatTemplater(self.tokenizer)
         self.info = loaded.info
         self.context_window = loaded.info.context_window
         self.max_batch = loaded.info.max_batch
@@ -305,10 +307,8 @@ class Engine:
         self.emit(protocol.JobError(job_id, message))
 
     def _template(self, messages: Sequence[ChatMessage]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
-            [message.to_dict() for message in messages], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return list(ids)
+        """The prompt ids of `messages`: the chat template, people's text kept as text."""
+        return self.templater.ids(messages)
 
     def _prepare(self, job: EngineJob) -> Row:
         settings = job.settings
@@ -324,11 +324,14 @@ class Engine:
         counted: dict[tuple[ChatMessage, ...], list[int]] = {}
 
         def count_tokens(messages: Sequence[ChatMessage]) -> int:
-            ids = counted[tuple(messages)] = self._template(messages)
+            ids = counted[tuple(messages)] = self.templater.render(messages)
             return len(ids)
 
-        kept, dropped = fit_to_budget(job.messages, self.context_window - settings.max_new_tokens, count_tokens)
-        prompt_ids = counted.get(kept) or self._template(kept)
+        # Neutralized once, before fitting: what is counted is what is prefilled.
+        safe = self.templater.safe_chat(job.messages)
+        kept, dropped = fit_to_budget(safe, self.context_window - settings.max_new_tokens, count_tokens)
+        prompt_ids = counted.get(kept) or self.templater.render(kept)
+        self.templater.check(kept, prompt_ids)
         return Row(job, prompt_ids, dropped, IncrementalDetokenizer(self.tokenizer, prompt_ids))
 
     def sample(self, logits: torch.Tensor, settings: Sequence[GenerationSettings]) -> torch.Tensor:

@@ -41,7 +41,7 @@ import secrets
 import time
 import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from aiohttp import WSMsgType, web
@@ -604,6 +604,13 @@ class FakeDiscord:
         self._last_snowflake = value
         return value
 
+    def _past_snowflake(self, age: float) -> int:
+        """A fresh id whose embedded time is ``age`` seconds ago (for messages "sent" back then)."""
+        value = (int((time.time() - age) * 1000) - DISCORD_EPOCH_MS) << 22
+        while value in self._all_messages:
+            value += 1
+        return value
+
     @staticmethod
     def _make_token(bot_id: int) -> str:
         head = base64.urlsafe_b64encode(str(bot_id).encode()).decode().rstrip("=")
@@ -920,7 +927,7 @@ class FakeDiscord:
                          content: str, mentions: Sequence[int] = (), mention_roles: Sequence[int] = (),
                          mention_everyone: bool = False, reference: Optional[Mapping[str, Any]] = None,
                          attachments: Sequence[Mapping[str, Any]] = (), embeds: Sequence[Any] = (),
-                         flags: int = 0) -> dict[str, Any]:
+                         flags: int = 0, timestamp: Optional[str] = None) -> dict[str, Any]:
         guild_id = self._channel_guild_id(channel)
         msg: dict[str, Any] = {
             "id": str(message_id),
@@ -928,7 +935,7 @@ class FakeDiscord:
             "channel_id": channel["id"],
             "author": dict(author),
             "content": content,
-            "timestamp": _now_iso(),
+            "timestamp": timestamp or _now_iso(),
             "edited_timestamp": None,
             "tts": False,
             "mention_everyone": mention_everyone,
@@ -1015,13 +1022,20 @@ class FakeDiscord:
                                 mentions: Iterable[Snowflakeish] = (), mention_roles: Iterable[Snowflakeish] = (),
                                 reply_to: Optional[Snowflakeish] = None,
                                 attachments: Iterable[Mapping[str, Any]] = (),
-                                embeds: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+                                embeds: Sequence[Mapping[str, Any]] = (),
+                                age: float = 0.0, deliver: bool = True) -> dict[str, Any]:
         """A user posts ``content`` in a guild channel, thread or DM channel: MESSAGE_CREATE is
         dispatched and the message payload returned. ``mentions`` are users (put ``fake.mention(u)``
         in the content too); ``reply_to`` a message (adds ``message_reference`` and
         ``referenced_message``); ``attachments`` items ``{"filename", "data": bytes,
-        "content_type"}`` are served by the fake so ``Attachment.read()`` works."""
-        self._require_session()
+        "content_type"}`` are served by the fake so ``Attachment.read()`` works.
+
+        ``age``: the message was sent that many seconds ago (its id and timestamp say so).
+        ``deliver=False``: the message is only stored, readable through the channel's history (GET
+        ``/channels/{id}/messages``) and not dispatched, as for a bot that is offline or whose
+        session could not resume; no gateway session is needed then."""
+        if deliver:
+            self._require_session()
         ch = self._channel(channel)
         user = self._user(author)
         guild_id = self._channel_guild_id(ch)
@@ -1041,15 +1055,19 @@ class FakeDiscord:
         mention_ids = [_id_of(m) for m in mentions]
         for uid in mention_ids:
             self._user(uid)
+        message_id = self._past_snowflake(age) if age > 0 else self._snowflake()
+        sent = datetime.now(timezone.utc) - timedelta(seconds=age)
         msg = self._message_payload(
-            message_id=self._snowflake(), channel=ch, author=user, content=content, mentions=mention_ids,
+            message_id=message_id, channel=ch, author=user, content=content, mentions=mention_ids,
             mention_roles=[_id_of(r) for r in mention_roles],
             mention_everyone=bool(_EVERYONE_MENTION.search(content)), reference=reference,
-            attachments=atts, embeds=embeds,
+            attachments=atts, embeds=embeds, timestamp=sent.isoformat(),
         )
         self._all_messages[int(msg["id"])] = msg
-        ch["last_message_id"] = msg["id"]
-        await self._dispatch_message_event("MESSAGE_CREATE", msg)
+        if age <= 0:
+            ch["last_message_id"] = msg["id"]
+        if deliver:
+            await self._dispatch_message_event("MESSAGE_CREATE", msg)
         return msg
 
     async def dm(self, user: Snowflakeish, content: str, **kwargs: Any) -> dict[str, Any]:

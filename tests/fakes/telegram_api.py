@@ -48,6 +48,7 @@ __all__ = [
     "ChatAction",
     "EditedMessage",
     "FakeTelegramAPI",
+    "SentDocument",
     "SentMessage",
 ]
 
@@ -149,6 +150,16 @@ class ApiCall:
     def ok(self) -> bool:
         """Whether the answer was ``{"ok": true, ...}``."""
         return self.status == 200
+
+
+@dataclass(frozen=True)
+class SentDocument:
+    """A successful ``sendDocument``: the decoded ``params``, the uploaded file and the message."""
+
+    params: JSONDict
+    filename: str
+    data: bytes
+    message: JSONDict
 
 
 @dataclass(frozen=True)
@@ -734,6 +745,8 @@ class FakeTelegramAPI:
         """Every request, in arrival order (including failed and unknown ones)."""
         self.sent: list[SentMessage] = []
         """Every successful ``sendMessage``."""
+        self.documents: list[SentDocument] = []
+        """Every successful ``sendDocument``, with the uploaded file's name and bytes."""
         self.edits: list[EditedMessage] = []
         """Every successful ``editMessageText``."""
         self.deleted: list[tuple[int, int]] = []
@@ -745,6 +758,9 @@ class FakeTelegramAPI:
         self.withheld: list[JSONDict] = []
         """Updates not queued because of privacy mode."""
         self.webhook_url = ""
+        self.poll_conflicts = 0
+        """How many ``getUpdates`` long polls were ended with 409 Conflict because another one
+        overlapped them (two bot instances polling one token, which Telegram refuses)."""
 
         self._chats: dict[int, _ChatState] = {}
         self._users: dict[int, JSONDict] = {}
@@ -774,6 +790,7 @@ class FakeTelegramAPI:
                 "deleteWebhook": self._delete_webhook,
                 "getWebhookInfo": self._get_webhook_info,
                 "sendMessage": self._send_message,
+                "sendDocument": self._send_document,
                 "editMessageText": self._edit_message_text,
                 "deleteMessage": self._delete_message,
                 "sendChatAction": self._send_chat_action,
@@ -875,6 +892,11 @@ class FakeTelegramAPI:
             user["language_code"] = language_code
         self._users[user["id"]] = user
         return user
+
+    def anonymous_admin(self) -> JSONDict:
+        """Telegram's ``GroupAnonymousBot``: the ``from`` of messages that anonymous group
+        administrators send (with ``sender_chat`` set to the group itself)."""
+        return self.make_user("Group", username="GroupAnonymousBot", user_id=1087968824, is_bot=True, language_code=None)
 
     def private_chat(self, user: JSONDict) -> JSONDict:
         """The private chat between ``user`` and the bot (chat id == user id); registers it."""
@@ -1019,8 +1041,13 @@ class FakeTelegramAPI:
         message_thread_id: int | None = None,
         entities: list[JSONDict] | None = None,
         is_topic_message: bool | None = None,
+        sender_chat: JSONDict | None = None,
     ) -> JSONDict:
         """Queue a text message from ``user`` in a group/supergroup/forum; returns the Update.
+
+        ``sender_chat`` is the chat the message is sent on behalf of: the group itself for an
+        anonymous administrator (``user`` is then :meth:`anonymous_admin`), a channel for a post
+        sent as that channel.
 
         Without ``entities``, a ``mention`` entity is created for every ``@username`` (so
         ``@<bot_username>`` mentions the bot) and a ``bot_command`` entity for ``/cmd`` or
@@ -1030,10 +1057,13 @@ class FakeTelegramAPI:
         Telegram. In a plain supergroup a reply carries the ``message_thread_id`` of the thread
         it belongs to.
         """
+        content: JSONDict = {"text": text}
+        if sender_chat is not None:
+            content["sender_chat"] = dict(sender_chat)
         return self._add_user_message(
             chat,
             user,
-            {"text": text},
+            content,
             reply_to_message_id=reply_to_message_id,
             message_thread_id=message_thread_id,
             entities=entities,
@@ -1148,6 +1178,13 @@ class FakeTelegramAPI:
         self._queue.append(_QueuedUpdate(update, redelivery=redelivery))
         self._notify()
         return update
+
+    def redeliver(self, *updates: JSONDict) -> None:
+        """Hand ``updates`` out again, as Telegram does with updates whose confirmation never
+        arrived: a bot that crashed after handling a batch, before its next ``getUpdates`` told
+        Telegram the new offset, is sent the whole batch again when it comes back."""
+        for update in updates:
+            self.add_update(update)
 
     @property
     def pending_updates(self) -> list[JSONDict]:
@@ -1374,7 +1411,9 @@ class FakeTelegramAPI:
         elif request.method == "POST":
             form = await request.post()
             for key, value in form.items():
-                # file parts (multipart uploads) are kept as bytes
+                # file parts (multipart uploads) are kept as bytes, their names under "_filenames"
+                if isinstance(value, web.FileField):
+                    params.setdefault("_filenames", {})[key] = value.filename
                 raw[key] = value.file.read() if isinstance(value, web.FileField) else value
         for key, value in raw.items():
             params[key] = _decode_form_value(key, value)
@@ -1448,6 +1487,7 @@ class FakeTelegramAPI:
         deadline = loop.time() + timeout
         while True:
             if generation != self._poll_generation:
+                self.poll_conflicts += 1
                 raise _ApiError(409, _DEFAULT_ERROR_DESCRIPTIONS[409])
             batch = self._take_batch(limit)
             remaining = deadline - loop.time()
@@ -1485,6 +1525,33 @@ class FakeTelegramAPI:
             message["reply_markup"] = markup
         state.messages[message["message_id"]] = message
         self.sent.append(SentMessage(params, _copy(message)))
+        return message
+
+    async def _send_document(self, params: JSONDict) -> JSONDict:
+        state = self._target_chat(params)
+        document = params.get("document")
+        if not isinstance(document, bytes):
+            raise _ApiError(400, "Bad Request: the fake accepts uploaded documents only")
+        filename = params.get("_filenames", {}).get("document", "document")
+        reply_to = self._reply_target(state, params)
+        message: JSONDict = {
+            "message_id": state.new_message_id(),
+            "from": self.bot_user,
+            "chat": dict(state.chat),
+            "date": int(time.time()),
+        }
+        self._place_in_thread(state, message, self._thread_for(state, params.get("message_thread_id")), reply_to)
+        file_id = f"document-{next(self._file_ids)}"
+        message["document"] = {
+            "file_id": file_id,
+            "file_unique_id": file_id,
+            "file_name": filename,
+            "file_size": len(document),
+        }
+        if params.get("caption"):
+            message["caption"] = str(params["caption"])
+        state.messages[message["message_id"]] = message
+        self.documents.append(SentDocument(params, filename, document, _copy(message)))
         return message
 
     async def _edit_message_text(self, params: JSONDict) -> JSONDict:
