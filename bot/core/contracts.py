@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from bot.core.types import ConversationKey, IncomingMessage
+from bot.core.types import Author, ConversationKey, IncomingMessage
 
 __all__ = [
     "Core",
@@ -27,6 +27,8 @@ __all__ = [
     "KnownConversation",
     "Adapter",
     "ReplyStream",
+    "Control",
+    "ControlPress",
 ]
 
 
@@ -56,6 +58,12 @@ class RefusalKind(str, enum.Enum):
     TOO_LONG = "too_long"
     RATE_LIMITED = "rate_limited"
     QUEUE_FULL = "queue_full"
+    NOT_YOURS = "not_yours"
+    """A control on someone else's reply in a shared chat (only its asker or an admin may press it)."""
+    CONVERSATION_RESET = "conversation_reset"
+    """A control on a reply whose conversation was reset (or forgotten) since."""
+    CONTROL_EXPIRED = "control_expired"
+    """A control that no longer applies: Stop on a finished reply, a control on an older reply."""
 
 
 class QueueLimit(str, enum.Enum):
@@ -81,6 +89,33 @@ class Refusal:
     """TOO_LONG: the character limit; QUEUE_FULL: the bound's value."""
     command: str | None = None
     """NOT_ADMIN and command refusals: the command's name."""
+
+
+class Control(str, enum.Enum):
+    """A control a reply carries: a Discord button, a Telegram inline-keyboard button, a terminal
+    command (Ctrl-C, `/retry`, `/continue`)."""
+
+    STOP = "stop"
+    """While the reply streams: end it at the next decode step, keeping what was shown."""
+    REGENERATE = "regenerate"
+    """On a finished (or stopped) reply: answer the same question again, replacing it in place."""
+    CONTINUE = "continue"
+    """On a reply cut by its token limit: go on from exactly where it stopped, appended to it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPress:
+    """Someone pressed a control on the reply of job `job_id` (the id the control carries)."""
+
+    conversation: ConversationKey
+    job_id: int
+    control: Control
+    author: Author
+    press_id: str = ""
+    """The platform's id of this press (a Discord interaction id, a Telegram callback query id):
+    a press delivered twice runs once. Empty where a press cannot come twice (the terminal)."""
+    is_direct: bool = False
+    """A one-to-one chat: its user may press every control in it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +173,15 @@ class Core(Protocol):
 
     async def handle_edit(self, message: IncomingMessage) -> bool: ...
 
+    async def press(self, press: ControlPress) -> RouteResult:
+        """A control pressed on a reply; it goes through the same queue, limits and fairness as a
+        message. Outcomes: QUEUED (Regenerate or Continue queued; `job_id` is the new job),
+        COMMAND (Stop accepted), DUPLICATE (this press was handled before: do nothing), BUSY (a
+        rate or queue limit), REFUSED (`refusal.kind` NOT_YOURS, CONVERSATION_RESET or
+        CONTROL_EXPIRED). `reply`, when set, is the sentence for the presser alone (a Telegram
+        callback answer, a Discord ephemeral message)."""
+        ...
+
     async def handle_delete(self, conversation: ConversationKey, message_id: str) -> bool: ...
 
     async def wait_for(self, job_id: int) -> str: ...
@@ -170,6 +214,13 @@ class ReplyStream(abc.ABC):
     replaces the reply with an error notice.
     """
 
+    job_id: int | None = None
+    """Set by the job queue before the first update: the job whose controls this reply carries
+    (platforms put it in the controls' ids, so a press names its reply even after a restart)."""
+
+    controls: tuple[Control, ...] = ()
+    """The controls the reply's last message shows from its next render on (`set_controls`)."""
+
     on_posted: Callable[[list[str]], Awaitable[None]] | None = None
     """Set by the job queue: awaited with `posted_ids` each time a new message is posted, before
     the next is sent, so the ids are persisted and a restart edits those messages, not reposts."""
@@ -178,6 +229,12 @@ class ReplyStream(abc.ABC):
         """For implementations: call after posting a message (and before posting another)."""
         if self.on_posted is not None:
             await self.on_posted(self.posted_ids)
+
+    async def set_controls(self, controls: Sequence[Control]) -> None:
+        """Show `controls` on the reply from its next render on (`update`, `finish`); none removes
+        them. The queue sets (STOP) before the first update and the finished reply's controls
+        before `finish`; `fail` always shows none. Platforms without buttons keep the default."""
+        self.controls = tuple(controls)
 
     @abc.abstractmethod
     async def update(self, text: str) -> None: ...
@@ -200,6 +257,8 @@ class Adapter(abc.ABC):
     platform: str = ""
     max_message_length: int = 4000
     edit_interval: float = 1.0
+    supports_controls: bool = False
+    """Replies here show controls (buttons): the queue then removes older replies' controls."""
 
     @property
     def connected(self) -> bool:
@@ -221,6 +280,11 @@ class Adapter(abc.ABC):
     ) -> ReplyStream:
         """Begin a generated reply in `conversation`, answering message `reply_to` when given.
         `resume` lists messages an interrupted attempt already posted: edit them, don't repost."""
+
+    async def clear_controls(self, conversation: ConversationKey, message_ids: Sequence[str]) -> None:
+        """Remove the controls of an older reply (its messages `message_ids`), because a newer one
+        arrived or its conversation was reset. Best effort: a message already gone is no error."""
+        return None
 
     async def send(self, conversation: ConversationKey, text: str, reply_to: str | None = None) -> list[str]:
         """Send a plain message (a notice); the default goes through a reply stream."""
