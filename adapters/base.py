@@ -159,6 +159,12 @@ class EditingReplyStream(ReplyStream):
 
     async def _render_while_streaming(self, text: str) -> None:
         try:
+            # Saved before it is shown, so a reply cut by a crash goes on from at least this text.
+            await self.report_render(text)
+        except Exception as exc:  # noqa: BLE001 - storage down, or the job taken over: show nothing unsaved
+            log.warning("a streaming render was skipped: its text could not be saved (%s: %s)", type(exc).__name__, exc)
+            return
+        try:
             await self._render_from(0, text, final=False)
             self._refused = False
         except Exception as exc:  # noqa: BLE001 - the platform's own errors; the next render tries again

@@ -7,9 +7,11 @@ messages, or any message in a configured channel. Admins steer it with slash com
 message the bot sends carries `allowed_mentions` that ping nobody. No discord.py object passes
 this module's edge.
 
-This module holds `DiscordAdapter`: lifecycle, receiving messages, admin checks, replies. It
-inherits the slash commands from `adapters.discord_commands`, and from `adapters.discord_catch_up`
-the reading back of what was sent while the bot was away (Discord does not redeliver it).
+This module holds `DiscordAdapter`: lifecycle, receiving messages, admin checks, replies (with
+their controls as buttons on the last message). It inherits the slash commands from
+`adapters.discord_commands`, what a button press does from `adapters.discord_controls`, and from
+`adapters.discord_catch_up` the reading back of what was sent while the bot was away (Discord does
+not redeliver it).
 """
 
 # No `from __future__ import annotations` here: discord.py reads the slash commands' parameter
@@ -26,7 +28,7 @@ import discord
 from discord import app_commands
 
 from bot.conversation import messages, parse_command
-from bot.core.contracts import Outcome
+from bot.core.contracts import Control, Outcome
 from bot.core.errors import AdapterError
 from bot.core.types import Author, ConversationKey, IncomingMessage
 
@@ -34,6 +36,7 @@ from .base import Adapter, Core, EditingReplyStream, EditThrottle, ReplyStream, 
 from .discord_catch_up import CATCH_UP_LIMIT as CATCH_UP_LIMIT, CATCH_UP_OVERLAP as CATCH_UP_OVERLAP, DiscordCatchUp
 from .discord_commands import ADMIN_PERMISSIONS as ADMIN_PERMISSIONS, MAX_LENGTH as MAX_LENGTH, NO_PINGS as NO_PINGS
 from .discord_commands import DiscordCommands, attachment_file
+from .discord_controls import ControlButton, DiscordControls, controls_view
 from .lease import LeaseKeeper, account_role
 
 if TYPE_CHECKING:
@@ -48,6 +51,13 @@ ANSWER_WITHIN = 2.0  # Discord wants an interaction answered within 3 s; past th
 
 
 class _DiscordStream(EditingReplyStream):
+    """A reply as Discord messages; its controls are buttons on the last message alone.
+
+    Every send and edit says which buttons its message shows (`_controls_on`; None: not known, as
+    for the messages of an interrupted attempt); a message that stops being the last loses its
+    buttons, and `finish` and `fail` put the final ones on the last message even when its text
+    did not change."""
+
     def __init__(
         self, adapter: "DiscordAdapter", channel: discord.abc.Messageable, reply_to: Optional[int], resume: Sequence[int] = ()
     ) -> None:
@@ -55,9 +65,16 @@ class _DiscordStream(EditingReplyStream):
         self.channel = channel
         self.reply_to = reply_to
         self._sent: dict[int, discord.Message] = {}
+        self._controls_on: dict[int, Optional[tuple[Control, ...]]] = {int(i): None for i in resume}
+        self._last_index = 0  # the index of the last message of the render in progress
 
     def split(self, text: str) -> list[str]:
-        return split_markdown(text, MAX_LENGTH)
+        chunks = split_markdown(text, MAX_LENGTH)
+        self._last_index = sum(1 for chunk in chunks if chunk.strip()) - 1  # the base shows the non-blank ones
+        return chunks
+
+    def _controls_for(self, index: int) -> tuple[Control, ...]:
+        return self.controls if index == self._last_index and self.job_id is not None else ()
 
     async def send(self, chunk: str, index: int) -> int:
         target = self.reply_to if index == 0 else self.messages[-1][0]
@@ -66,14 +83,63 @@ class _DiscordStream(EditingReplyStream):
             if target
             else None
         )
-        message = await self.channel.send(chunk, reference=reference, allowed_mentions=NO_PINGS, mention_author=False)
+        controls = self._controls_for(index)
+        extra = {"view": view} if (view := controls_view(self.job_id, controls)) is not None else {}
+        message = await self.channel.send(
+            chunk, reference=reference, allowed_mentions=NO_PINGS, mention_author=False, **extra
+        )
         self._sent[message.id] = message
+        self._controls_on[message.id] = controls
+        await self._clear_all_but(message.id)
         return message.id
 
     async def edit(self, message_id: object, chunk: str) -> None:
         message_id = int(message_id)  # type: ignore[call-overload]
+        shown = [int(i) for i, _ in self.messages]
+        controls = self._controls_for(shown.index(message_id)) if message_id in shown else ()
         message = self._sent.get(message_id) or self.channel.get_partial_message(message_id)  # type: ignore[attr-defined]
-        self._sent[message_id] = await message.edit(content=chunk, allowed_mentions=NO_PINGS)
+        view = controls_view(self.job_id, controls)
+        self._sent[message_id] = await message.edit(content=chunk, allowed_mentions=NO_PINGS, view=view)
+        self._controls_on[message_id] = controls
+
+    async def finish(self, text: str) -> list[str]:
+        ids = await super().finish(text)
+        await self._settle_controls()
+        return ids
+
+    async def fail(self, notice: str) -> None:
+        self.controls = ()
+        await super().fail(notice)
+        await self._settle_controls()
+
+    async def _settle_controls(self) -> None:
+        """The final buttons on the last message, none elsewhere (best effort: the text is shown)."""
+        if not self.messages:
+            return
+        last = int(self.messages[-1][0])  # type: ignore[call-overload]
+        if self._controls_on.get(last) != self.controls:
+            view = controls_view(self.job_id, self.controls)
+            message = self._sent.get(last) or self.channel.get_partial_message(last)  # type: ignore[attr-defined]
+            try:
+                self._sent[last] = await self._retrying(lambda: message.edit(view=view))
+                self._controls_on[last] = self.controls
+            except Exception as exc:  # noqa: BLE001 - the text is shown; the buttons are extra
+                log.warning("could not put the buttons on a finished reply (%s: %s)", type(exc).__name__, exc)
+        await self._clear_all_but(last)
+
+    async def _clear_all_but(self, keep: int) -> None:
+        for message_id, controls in list(self._controls_on.items()):
+            if message_id == keep or controls == ():
+                continue
+            message = self._sent.get(message_id) or self.channel.get_partial_message(message_id)  # type: ignore[attr-defined]
+            try:
+                self._sent[message_id] = await message.edit(view=None)
+            except discord.NotFound:
+                pass
+            except Exception as exc:  # noqa: BLE001 - best effort: a failure here must not resend the text
+                log.info("could not remove the buttons of an earlier reply message (%s: %s)", type(exc).__name__, exc)
+                continue
+            self._controls_on[message_id] = ()
 
 
 class _Client(discord.Client):
@@ -88,6 +154,7 @@ class _Client(discord.Client):
         self.ready = asyncio.Event()
 
     async def setup_hook(self) -> None:
+        self.add_dynamic_items(ControlButton)  # presses on buttons sent before a restart too
         self.adapter._register_commands(self.tree)
         await self.adapter._sync_commands(self.tree)
 
@@ -114,6 +181,9 @@ class _Client(discord.Client):
         async with self.adapter.channel_lock(payload.channel_id):
             await self.adapter._on_delete(payload)
 
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        await self.adapter._on_component(interaction)
+
     async def on_error(self, event: str, *args: object, **kwargs: object) -> None:
         log.exception("error in the Discord event handler for %s", event)
 
@@ -134,11 +204,12 @@ def _is_export(text: str) -> bool:
     return command is not None and command.name == "export"
 
 
-class DiscordAdapter(DiscordCommands, DiscordCatchUp, Adapter):
+class DiscordAdapter(DiscordCommands, DiscordControls, DiscordCatchUp, Adapter):
     """Parley on Discord. Build with `from_config`; the token is read from the environment."""
 
     platform = "discord"
     max_message_length = MAX_LENGTH
+    supports_controls = True
 
     def __init__(self, config: "DiscordSettings", token: str, *, bot_name: str = "Parley", **client_options: object) -> None:
         self.config = config

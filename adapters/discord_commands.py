@@ -1,7 +1,13 @@
 """Discord's slash commands: the tree generated from the core's command registry
 (`bot.conversation.COMMANDS`), and running a slash command through the core: deferring when the
 core is slow, answering privately (ephemeral) when the answer is the caller's alone, and sending
-the file an /export answers with. `DiscordAdapter` inherits `DiscordCommands`.
+the file an /export answers with. `/help` answers with the slash syntax, generated from the same
+registry (`slash_help_lines`). `DiscordAdapter` inherits `DiscordCommands`.
+
+Only commands for admins alone (`Access.ADMINS`) carry Manage Server as their default permission,
+which hides them from others. A command everyone may use to look (`/system`, `/set`) stays
+visible: Discord cannot set default permissions per sub-command or per option, so the core's one
+permission check refuses a non-admin's change, privately.
 
 Also home to what both this module and `adapters.discord` send with (`MAX_LENGTH`, `NO_PINGS`,
 `attachment_file`), since this module cannot import `adapters.discord`, which imports it.
@@ -20,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import discord
 from discord import app_commands
 
-from bot.conversation import COMMANDS, Access, Argument, Command
+from bot.conversation import COMMANDS, Access, Argument, Command, messages, parse_command
 from bot.core.contracts import Attachment, Outcome
 from bot.core.types import Author, ConversationKey, IncomingMessage
 
@@ -34,7 +40,12 @@ log = logging.getLogger("parley.discord")
 MAX_LENGTH = 2000
 NO_PINGS = discord.AllowedMentions.none()
 ADMIN_PERMISSIONS = discord.Permissions(manage_guild=True)
-"""Commands for admins are hidden from others by default (server settings can change that)."""
+"""Commands for admins alone are hidden from others by default (server settings can change that)."""
+HELP_COMMAND = "help"
+"""The command whose answer Discord renders itself (`slash_help_lines`)."""
+OPTION_KIND = {str: "text", int: "integer", float: "number"}
+ADMINS_NOTE = " (admins in servers)"
+CHANGES_NOTE = " (changes: admins in servers)"
 
 
 def attachment_file(attachment: Attachment) -> discord.File:
@@ -50,6 +61,34 @@ def _option_annotation(argument: Argument) -> Any:
         high = None if argument.maximum is None else bound(argument.maximum)
         kind = app_commands.Range[kind, low, high]
     return kind if argument.required else Optional[kind]
+
+
+def _option_syntax(argument: Argument) -> str:
+    shown = f"{argument.name}:<{OPTION_KIND.get(argument.type, 'text')}>"
+    return shown if argument.required else f"[{shown}]"
+
+
+def _admin_note(command: Command, variant: Optional[str], arguments: Sequence[Argument]) -> str:
+    if command.access is Access.ADMINS:
+        return ADMINS_NOTE
+    if command.access is Access.EVERYONE:
+        return ""
+    if variant is None:  # options are optional: without them it shows, with them it changes
+        return CHANGES_NOTE if arguments else ""
+    invocation = command.text_for(variant, {a.name: a.name for a in arguments})
+    return ADMINS_NOTE if command.needs_admin(invocation[len(command.name) + 1 :]) else ""
+
+
+def slash_help_lines(commands: Optional[Sequence[Command]] = None) -> list[str]:
+    """/help's lines on Discord: each slash command (each sub-command) with its real options."""
+    lines = []
+    for command in COMMANDS if commands is None else commands:
+        shapes = [(v.name, v.description, v.arguments) for v in command.variants]
+        shapes = shapes or [(None, command.short_description, command.arguments)]
+        for variant, description, arguments in shapes:
+            words = [f"/{command.name}", *([variant] if variant else []), *map(_option_syntax, arguments)]
+            lines.append(f"{' '.join(words)} — {description}{_admin_note(command, variant, arguments)}")
+    return lines
 
 
 def _slash_callback(adapter: "DiscordCommands", command: Command, variant: Optional[str], arguments: Sequence[Argument]):  # noqa: ANN202
@@ -75,7 +114,7 @@ def _slash_callback(adapter: "DiscordCommands", command: Command, variant: Optio
 
 def _slash_command(adapter: "DiscordCommands", command: Command) -> "app_commands.Command | app_commands.Group":
     """One declaration → a slash command, or a group of sub-commands for a command with variants."""
-    admin_only = ADMIN_PERMISSIONS if command.access is not Access.EVERYONE else None
+    admin_only = ADMIN_PERMISSIONS if command.access is Access.ADMINS else None
     if command.variants:
         group = app_commands.Group(name=command.name, description=command.short_description, default_permissions=admin_only)
         for variant in command.variants:
@@ -93,6 +132,7 @@ class DiscordCommands:
 
     config: "DiscordSettings"
     core: Optional[Core]
+    bot_name: str
 
     def _conversation(self, channel_id: int) -> ConversationKey:
         raise NotImplementedError
@@ -147,6 +187,9 @@ class DiscordCommands:
             await interaction.response.defer(ephemeral=True, thinking=True)
         result = await task
         reply = result.reply or "Done."
+        parsed = parse_command(text)
+        if parsed is not None and parsed.name == HELP_COMMAND and result.outcome is Outcome.COMMAND and result.refusal is None:
+            reply = messages.help_text(self.bot_name, slash_help_lines())
         private = result.private or result.outcome is Outcome.ERROR or result.attachment is not None
         chunks = split_markdown(reply, MAX_LENGTH)
         # A file (/export) goes with the first chunk, to the author alone.

@@ -17,6 +17,14 @@ One conversation per chat, and per topic in forum supergroups. In private chats 
 every text message; in groups it answers when mentioned, when replied to, or through `/ask`, and
 keeps other messages as context. No Telegram object passes this module's edge.
 
+A text longer than Telegram's 4,096 characters arrives as several messages, cut by the client: a
+message at the limit is held for about a second (its chat's lane only), and the parts that follow it
+from the same author are joined to it into one question (see `telegram_polling`).
+
+Replies carry their controls (Stop, Regenerate, Continue) as an inline keyboard on their last
+message (`telegram_api`); a press arrives as a callback query, handled in its chat's lane like a
+message, and is always answered (the text, when there is one, shows to the presser alone).
+
 The polling loop and its per-chat lanes are in `telegram_polling`, the sending helpers (flood
 control, the outbox, the reply stream) in `telegram_api`; `TelegramAdapter` inherits both.
 """
@@ -33,20 +41,20 @@ from typing import TYPE_CHECKING
 # of an int with a deprecation warning each time.
 os.environ.setdefault("PTB_TIMEDELTA", "1")
 
-from telegram import BotCommand, Update  # noqa: E402
+from telegram import BotCommand, CallbackQuery, Update  # noqa: E402
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType, MessageEntityType  # noqa: E402
 from telegram.error import InvalidToken, NetworkError, TelegramError  # noqa: E402
 from telegram.ext import AIORateLimiter, Application  # noqa: E402
 
 from bot.conversation import COMMANDS, messages, parse_command  # noqa: E402
-from bot.core.contracts import Outcome  # noqa: E402
-from bot.core.errors import AdapterError  # noqa: E402
+from bot.core.contracts import ControlPress, Outcome  # noqa: E402
+from bot.core.errors import AdapterError, StorageUnavailable  # noqa: E402
 from bot.core.types import Author, ConversationKey, IncomingMessage  # noqa: E402
 
 from .base import Adapter, Core, EditThrottle  # noqa: E402
 from .lease import LeaseKeeper, account_role  # noqa: E402
-from .telegram_api import MAX_LENGTH, MAX_QUEUED_NOTICES, SEND_ATTEMPTS, _parse_key, _SendingMixin, _TelegramStream  # noqa: E402, F401
-from .telegram_polling import POLL_TIMEOUT, REPOLL_AFTER, STORAGE_RETRY_FIRST, STORAGE_RETRY_MAX, _Lane, _PollingMixin  # noqa: E402, F401
+from .telegram_api import MAX_LENGTH, MAX_QUEUED_NOTICES, SEND_ATTEMPTS, _parse_key, _SendingMixin, _TelegramStream, parse_callback_data  # noqa: E402, F401
+from .telegram_polling import POLL_TIMEOUT, REPOLL_AFTER, STORAGE_RETRY_FIRST, STORAGE_RETRY_MAX, _Lane, _PollingMixin, join_split_text  # noqa: E402, F401
 
 if TYPE_CHECKING:
     from telegram import Message
@@ -59,6 +67,7 @@ log = logging.getLogger("parley.telegram")
 
 TEXT_ONLY = messages.TEXT_ONLY
 TYPING_EVERY = 4.5  # Telegram shows "typing…" for about 5 seconds per action
+MAX_ANSWER_LENGTH = 200  # answerCallbackQuery's text limit
 TELEGRAM_ONLY = {"start", "ask"}
 """Telegram's own commands: /start (every bot has one) and /ask (groups, where plain messages are context)."""
 MENU = [("start", "Say hello and list the commands"), ("ask", "Ask the bot in a group: /ask your question")]
@@ -67,7 +76,8 @@ MENU += [(command.name, command.help[:256]) for command in COMMANDS]
 
 def _thread_of(message: Message) -> int | None:
     """The forum topic a message is in; None outside forums (threads of replies are no topics)."""
-    return message.message_thread_id if message.chat.is_forum and message.is_topic_message else None
+    # A press on a message too old to be shown (InaccessibleMessage) carries no topic.
+    return message.message_thread_id if message.chat.is_forum and getattr(message, "is_topic_message", False) else None
 
 
 class TelegramAdapter(_PollingMixin, _SendingMixin, Adapter):
@@ -76,6 +86,7 @@ class TelegramAdapter(_PollingMixin, _SendingMixin, Adapter):
 
     platform = "telegram"
     max_message_length = MAX_LENGTH
+    supports_controls = True
     connected = property(lambda self: self.application is not None and self._poller is not None and not self._poller.done() and (
         (self._lease is not None and not self._lease.held) or not self._poll_failures))  # /readyz: polling and its last getUpdates worked, or a standby
 
@@ -97,7 +108,7 @@ class TelegramAdapter(_PollingMixin, _SendingMixin, Adapter):
         self._poll_failures = 0  # getUpdates failures in a row (for `connected`)
         self._chats: dict[int, _Lane] = {}
         self._in_hand: set[int] = set()  # update ids received and not yet handled
-        self._done_above: set[int] = set()  # handled, but above one in hand: not confirmable yet
+        self._done_above: set[int] = set()  # handled, not yet confirmed by a getUpdates sent since
         self._highest = -1  # the highest update id received
         self._progress = asyncio.Event()
         self._storage_down = False
@@ -182,9 +193,13 @@ class TelegramAdapter(_PollingMixin, _SendingMixin, Adapter):
 
     # -- receiving -------------------------------------------------------------------------------
 
-    async def _on_update(self, update: Update) -> None:
-        """One update, start to end. Raises `StorageUnavailable` when nothing could be recorded."""
+    async def _on_update(self, update: Update, parts: tuple[Update, ...] = ()) -> None:
+        """One update, start to end. Raises `StorageUnavailable` when nothing could be recorded.
+        `parts`: the messages that follow a text the client split at the length limit, joined to it."""
         if self.core is None:
+            return
+        if update.callback_query is not None:
+            await self._on_press(update.callback_query)
             return
         message = update.message or update.edited_message
         if message is None or message.from_user is None:
@@ -199,6 +214,8 @@ class TelegramAdapter(_PollingMixin, _SendingMixin, Adapter):
         thread_id = _thread_of(message)
         conversation = ConversationKey(self.platform, f"{chat.id}:{thread_id}" if thread_id else str(chat.id))
         text = message.text
+        if text and parts:
+            text = join_split_text([text, *(part.message.text or "" for part in parts)])
         if update.edited_message is not None:
             if text:
                 await self.core.handle_edit(self._incoming(message, conversation, text, private, addressed=False, admin=False))
@@ -233,15 +250,64 @@ class TelegramAdapter(_PollingMixin, _SendingMixin, Adapter):
         declared = COMMANDS[command.name] if command is not None and command.name in COMMANDS else None
         admin = declared is not None and declared.needs_admin(command.args) and await self._is_admin(message, private)
         incoming = self._incoming(message, conversation, text, private, addressed=addressed, admin=admin)
+        for part in parts:  # claimed first: after a crash the parts come again, joined again
+            await self.core.claim_update(self._incoming(part.message, conversation, part.message.text or "", private))
         # Storage trouble is raised (and the update retried), not answered.
         result = await self.core.handle_update(incoming)
         if result.reply and not (private and result.attachment):
             self._notify(chat.id, thread_id, result.reply, message.message_id)
         if private and (file := result.attachment): await self._call("sendDocument", lambda: self._bot().send_document(chat.id, file.data, filename=file.filename, caption=result.reply))  # noqa: E701 - /export
         if result.outcome is Outcome.QUEUED and result.job_id is not None:
-            task = asyncio.create_task(self._typing_until_done(chat.id, thread_id, result.job_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._show_typing(chat.id, thread_id, result.job_id)
+
+    def _show_typing(self, chat_id: int, thread_id: int | None, job_id: int) -> None:
+        task = asyncio.create_task(self._typing_until_done(chat_id, thread_id, job_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _on_press(self, query: CallbackQuery) -> None:
+        """A reply's button pressed: answered always (the client shows a spinner until then), once
+        handled. While storage is unavailable the update is left unconfirmed and handled again."""
+        try:
+            answer = await self._press(query)
+        except StorageUnavailable:
+            raise
+        except Exception:
+            await self._answer(query.id, None)
+            raise  # logged with its traceback by the chat's lane
+        await self._answer(query.id, answer)
+
+    async def _press(self, query: CallbackQuery) -> str | None:
+        """Hand the press to the core; the sentence for the presser, if any."""
+        parsed = parse_callback_data(query.data)
+        message, user = query.message, query.from_user
+        if parsed is None or message is None or user is None or user.is_bot or self.core is None:
+            log.debug("ignoring a press of a button that is not Parley's (%r)", query.data)
+            return None
+        chat = message.chat
+        if self.config.allowed_chat_ids and chat.id not in self.config.allowed_chat_ids:
+            return None
+        private = chat.type == ChatType.PRIVATE
+        thread_id = _thread_of(message)
+        conversation = ConversationKey(self.platform, f"{chat.id}:{thread_id}" if thread_id else str(chat.id))
+        admin = await self._is_admin_in(chat.id, user.id, private)
+        author = Author(id=str(user.id), name=user.full_name or user.username or str(user.id), is_admin=admin)
+        control, job_id = parsed
+        press = ControlPress(conversation, job_id, control, author, press_id=str(query.id), is_direct=private)
+        result = await self.core.press(press)
+        if result.outcome is Outcome.QUEUED and result.job_id is not None:
+            self._show_typing(chat.id, thread_id, result.job_id)
+        return result.reply
+
+    async def _answer(self, query_id: str, text: str | None) -> None:
+        if text and len(text) > MAX_ANSWER_LENGTH:
+            text = text[: MAX_ANSWER_LENGTH - 1] + "…"
+        try:
+            await self._call(
+                "answerCallbackQuery", lambda: self._bot().answer_callback_query(query_id, text=text or None, show_alert=False)
+            )
+        except (TelegramError, AdapterError) as exc:  # too old (answered before a restart), or gone
+            log.info("could not answer a button press: %s", exc)
 
     async def _say_once(self, message: Message, conversation: ConversationKey, text: str) -> None:
         """A notice the adapter answers by itself, sent unless its update was handled before."""
@@ -311,10 +377,13 @@ class TelegramAdapter(_PollingMixin, _SendingMixin, Adapter):
     async def _is_admin(self, message: Message, private: bool) -> bool:
         """Private chat: the user. Groups: the chat's creator and administrators (asked of Telegram,
         cached), anonymous admins posting as the group, and [telegram] admin_user_ids."""
-        user_id, chat_id = message.from_user.id, message.chat.id
-        if private or user_id in self.config.admin_user_ids:
+        if self._anonymous_admin(message):
             return True
-        if message.sender_chat is not None and message.sender_chat.id == chat_id:
+        return await self._is_admin_in(message.chat.id, message.from_user.id, private)
+
+    async def _is_admin_in(self, chat_id: int, user_id: int, private: bool) -> bool:
+        """`_is_admin` for a user acting as themselves (a message, a button press)."""
+        if private or user_id in self.config.admin_user_ids:
             return True
         now = time.monotonic()
         cached = self._admin_cache.get((chat_id, user_id))

@@ -17,6 +17,13 @@ them, both forced to `NEW_TOKENS` new tokens (`min_new_tokens`). They serve one 
 so each prompt's service time is measured once and the arrival patterns are laid over those
 times (a message starts when it has arrived and the one before it is finished).
 
+And llama.cpp on the same GGUF (llama-cpp-python, bench/llamacpp.py; skipped, saying so, where it is
+not installed), the same prompts as token ids, replies forced to `NEW_TOKENS` tokens: a single
+stream (one message after another, laid over the arrivals like the baselines) and a batch of 16
+sequences decoded together through the low-level API (`llama_batch` with one seq id and one greedy
+sampler per sequence), with the ratios Parley N=1 / llama.cpp single stream and Parley N=16 /
+llama.cpp batched.
+
 Reported per scenario: aggregate generated tokens/s (all tokens / first arrival to last reply),
 time to first token p50/p95 (arrival to the first streamed text; for the baselines, which do not
 stream to the user, to the first generated token), reply latency p50/p95, and the worker's peak
@@ -50,6 +57,7 @@ from bot.core.config import ModelSettings, Settings, parse_settings  # noqa: E40
 from bot.generation.client import GenerationRequest, GenerationResult  # noqa: E402
 from bot.generation.subprocess_client import SubprocessGenerationClient  # noqa: E402
 from bot.core.types import ConversationKey  # noqa: E402
+from bench.common import write_results_section  # noqa: E402
 
 NEW_TOKENS = 64
 STAGGER_S = 0.25
@@ -309,6 +317,38 @@ def measure_baselines(prompts: list[list[dict[str, str]]], source: str) -> dict[
     return results
 
 
+def measure_llamacpp(prompts: list[list[dict[str, str]]], source: str, single_prompts: int) -> dict[str, Any]:
+    """llama.cpp's service times, one message after another, on the first `single_prompts` prompts,
+    and 16 of the prompts decoded together; {"skipped": why} where llama-cpp-python is missing."""
+    from transformers import AutoTokenizer
+
+    from bench import llamacpp
+
+    missing = llamacpp.missing_reason()
+    if missing:
+        print(f"  llama.cpp: skipped: {missing}", flush=True)
+        return {"skipped": missing}
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    ids = [tokenizer(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"] for chat in prompts]
+    import psutil
+
+    rss_before = psutil.Process().memory_info().rss
+    llm = llamacpp.load(n_ctx=4096)
+    llamacpp.stream(llm, ids[0], 4, cold=True)  # warm-up
+    rss_mb = round((psutil.Process().memory_info().rss - rss_before) / 2**20, 1)
+    services = []
+    for prompt in ids[:single_prompts]:
+        run = llamacpp.stream(llm, prompt, NEW_TOKENS, cold=True)
+        services.append({"first_s": run["first_s"], "total_s": run["total_s"], "tokens": run["tokens"]})
+    batched = llamacpp.batched(llm, [ids[i % len(ids)] for i in range(16)], NEW_TOKENS)
+    single = NEW_TOKENS * len(services) / sum(s["total_s"] for s in services)
+    print(f"  llama.cpp {llamacpp.version()} ({llamacpp.threads()} threads): single stream {single:.1f} tokens/s over "
+          f"{len(services)} prompts; 16 sequences batched {batched['tokens_per_s']} tokens/s", flush=True)
+    return {"version": llamacpp.version(), "threads": llamacpp.threads(), "services": services, "rss_mb": rss_mb,
+            "single_stream_tokens_per_s": round(single, 1), "batched_16": batched}
+
+
 def baseline_scenario(services: list[dict[str, float]], n: int, arrival: str) -> dict[str, Any]:
     """One server, one message at a time: lay the arrivals over the measured service times."""
     arrivals = [index * STAGGER_S if arrival == "staggered" else 0.0 for index in range(n)]
@@ -341,6 +381,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ns, tps, first = zip(*points, strict=True)
             speed.plot(ns, tps, style, label=f"{name}, {arrival}")
             ttft.plot(ns, first, style, label=f"{name}, {arrival}")
+    batched = (report.get("llama.cpp") or {}).get("batched_16")
+    if batched:
+        speed.plot([16], [batched["tokens_per_s"]], "k*", markersize=10, label="llama.cpp, 16 batched")
     for axes, label in ((speed, "generated tokens/s (all conversations)"), (ttft, "time to first token, p50 (s)")):
         axes.set_xscale("log", base=2)
         axes.set_xlabel("conversations at once (N)")
@@ -376,6 +419,14 @@ def markdown(report: dict[str, Any]) -> str:
         for name, by_n in report["formats"].items():
             for n, r in sorted(by_n.items(), key=lambda item: int(item[0])):
                 lines.append(f"| {name} | {n} | {r['tokens_per_s']} | {r['ttft_p50_s']} | {r['peak_rss_mb']} |")
+    llama = report.get("llama.cpp") or {}
+    if llama.get("batched_16"):
+        b = llama["batched_16"]
+        lines += ["", f"llama.cpp {llama['version']} ({llama['threads']} threads), 16 sequences decoded together "
+                  f"(low-level `llama_batch`, one greedy sampler per sequence): {b['tokens_per_s']} tokens/s, first "
+                  f"tokens after {b['first_token_s']} s, decode {b['decode_tokens_per_s']} tokens/s."]
+    elif llama.get("skipped"):
+        lines += ["", f"llama.cpp skipped: {llama['skipped']}"]
     lines += ["", "Ratios: " + ", ".join(f"{k} = {v}" for k, v in report["ratios"].items()), ""]
     return "\n".join(lines)
 
@@ -411,10 +462,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     print("baselines (one message after another, the same prompts):", flush=True)
     measured = measure_baselines(prompts if not args.quick else prompts[:4], model_folder(ModelSettings()))
     baseline_rss = measured.pop("_rss_mb")
+    llama = measure_llamacpp(prompts, model_folder(ModelSettings()), 4 if args.quick else len(prompts))
+    if "services" in llama:
+        measured["llama.cpp single stream"] = llama["services"]
     scenarios: dict[str, Any] = {"Parley": parley}
     for name, services in measured.items():
+        rss = llama["rss_mb"] if name.startswith("llama.cpp") else baseline_rss
         scenarios[name] = {
-            arrival: {str(n): baseline_scenario(services, n, arrival) | {"peak_rss_mb": baseline_rss} for n in ns}
+            arrival: {str(n): baseline_scenario(services, n, arrival) | {"peak_rss_mb": rss} for n in ns}
             for arrival in ("burst", "staggered")
         }
     seed_16 = scenarios["seed pipeline (fp32)"]["burst"]["16"]["tokens_per_s"]
@@ -425,6 +480,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "Parley TTFT p50 N=1 (target < 0.5 s)": parley["burst"]["1"]["ttft_p50_s"],
         "Parley TTFT p95 N=16 staggered (target < 2 s)": parley["staggered"]["16"]["ttft_p95_s"],
     }
+    if "services" in llama:
+        ratios["Parley N=1 / llama.cpp single stream (target >= 0.5)"] = round(
+            parley["burst"]["1"]["tokens_per_s"] / llama["single_stream_tokens_per_s"], 2)
+        ratios["Parley N=16 burst / llama.cpp batched 16 (target >= 1.5)"] = round(
+            parley["burst"]["16"]["tokens_per_s"] / llama["batched_16"]["tokens_per_s"], 2)
     import torch
     import transformers
 
@@ -437,6 +497,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "stagger_s": STAGGER_S,
         "scenarios": scenarios,
         "formats": formats,
+        "llama.cpp": {k: v for k, v in llama.items() if k != "services"},
         "ratios": ratios,
     }
 
@@ -456,7 +517,7 @@ def main() -> None:
         # The committed copies: only a full run replaces them.
         shutil.copyfile(RESULTS / "throughput.json", ROOT / "bench" / "last_run.json")
         shutil.copyfile(RESULTS / "throughput.png", ROOT / "bench" / "throughput.png")
-        (ROOT / "bench" / "RESULTS.md").write_text(markdown(report))
+        write_results_section("throughput", markdown(report))
     print(f"wrote {RESULTS / 'throughput.json'} and {RESULTS / 'throughput.png'} in {report['bench_seconds']} s")
 
 

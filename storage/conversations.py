@@ -33,6 +33,15 @@ from storage.updates import HandledUpdate, HandledUpdates, UpdateClaim
 __all__ = ["ConversationRecords"]
 
 
+HISTORY_TRIM_STEPS = 4
+"""`prompt_history` cuts history on a grid of `max_chars // HISTORY_TRIM_STEPS` characters."""
+
+
+def _history_chars(message: Message, message_chars: int) -> int:
+    """What a message costs in `prompt_history`'s bound (the SQL sum in `_cut_on_grid` counts the same)."""
+    return len(message.text) + len(message.author_name) + message_chars
+
+
 class ConversationRecords(HandledUpdates):
     """Conversations, messages (recorded, edited, archived, forgotten) and the audit trail."""
 
@@ -291,14 +300,21 @@ class ConversationRecords(HandledUpdates):
         answers (linked by its job), also one stored after `up_to_message_id` came in (a quick
         second question sees the answer to the first); replies to later questions stay out.
         Where older messages were left out, the history does not open with a reply.
+
+        Cuts are stable, so consecutive turns show the model the same first message (and the
+        worker's prefix cache can reuse the prompt): positions are counted in characters from the
+        conversation's first message since the reset, on a grid `max_chars // HISTORY_TRIM_STEPS`
+        apart, and the history starts at the first message past the first grid line from which
+        on everything fits. It stays there turn after turn until that no longer fits, then moves
+        on by about a quarter of `max_chars` at once, instead of by a message each turn.
         """
         async with self._transaction(write=False) as session:
             kept: list[Message] = []
             used = 0
             upper = up_to_message_id
             page_size = 64
-            cut = False
-            while not cut:
+            cut: Message | None = None  # the newest message that did not fit
+            while cut is None:
                 query = (
                     select(Message)
                     .where(
@@ -311,9 +327,9 @@ class ConversationRecords(HandledUpdates):
                 )
                 page = list((await session.scalars(query)).all())
                 for message in page:
-                    cost = len(message.text) + len(message.author_name) + message_chars
+                    cost = _history_chars(message, message_chars)
                     if kept and used + cost > max_chars:
-                        cut = True
+                        cut = message
                         break
                     kept.append(message)
                     used += cost
@@ -325,6 +341,8 @@ class ConversationRecords(HandledUpdates):
                 page_size = min(512, max(16, int((max_chars - used) / average * 1.25) + 8))
             if not kept:
                 return []
+            if cut is not None:
+                kept = await self._cut_on_grid(session, conversation_id, kept, cut, max_chars, message_chars)
             # The bot's replies to the questions in that window: their questions place them.
             replies = await session.execute(
                 select(Job.message_id, Message)
@@ -345,10 +363,42 @@ class ConversationRecords(HandledUpdates):
             by_id.values(),
             key=lambda m: (question_of[m.id], 1, m.id) if m.id in question_of else (m.id, 0, m.id),
         )
-        if cut:
+        if cut is not None:
             while len(ordered) > 1 and ordered[0].role == Role.ASSISTANT:
                 ordered.pop(0)
         return ordered
+
+    @staticmethod
+    async def _cut_on_grid(
+        session: AsyncSession,
+        conversation_id: int,
+        kept: list[Message],
+        cut: Message,
+        max_chars: int,
+        message_chars: int,
+    ) -> list[Message]:
+        """`kept` (newest first, all that fits after `cut`) from its first message past the next
+        grid line after `cut`'s position on: a position depends only on the messages before it,
+        so the same message is chosen turn after turn (see `prompt_history`)."""
+        before_cut = await session.scalar(
+            select(
+                func.coalesce(
+                    func.sum(func.length(Message.text) + func.length(Message.author_name) + message_chars), 0
+                )
+            ).where(
+                Message.conversation_id == conversation_id,
+                Message.archived.is_(False),
+                Message.id < cut.id,
+            )
+        )
+        step = max(1, max_chars // HISTORY_TRIM_STEPS)
+        line = (int(before_cut or 0) // step + 1) * step
+        position = int(before_cut or 0) + _history_chars(cut, message_chars)
+        for index in range(len(kept) - 1, 0, -1):  # oldest first; the newest is always kept
+            if position >= line:
+                return kept[: index + 1]
+            position += _history_chars(kept[index], message_chars)
+        return kept[:1]
 
     # -- messages that ask for an answer ------------------------------------------------------------
 

@@ -117,6 +117,7 @@ class JobRecords(RepositoryBase):
         author_name: str,
         platform_message_id: str | None,
         done: bool = True,
+        finish_reason: str | None = None,
     ) -> Message:
         """Store the assistant's reply and mark the job done, in one transaction.
 
@@ -129,6 +130,10 @@ class JobRecords(RepositoryBase):
         question was archived meanwhile (a `/forget` or `/reset`), the reply is still stored, archived
         so it stays out of the history, and the job's status is kept. `JobNotOwned` (nothing stored)
         when this process does not own the job (any more): another process answers it.
+
+        A follow-up job's reply (Regenerate, Continue) replaces its parent's: the parent's reply is
+        archived in the same transaction (unless the new one is stored archived itself).
+        `finish_reason` is how the generation ended ("length": Continue may go on).
         """
         async with self._transaction(write=True) as session:
             job = await self._require(session, Job, job_id, lock=True)
@@ -136,25 +141,89 @@ class JobRecords(RepositoryBase):
                 raise JobNotOwned(f"job {job_id} is owned by {job.owner!r}, not by this process ({self.owner})")
             question = await session.get(Message, job.message_id)
             pending = job.status in PENDING_STATUSES
-            reply, _ = await self._record(
-                session,
-                job.conversation_id,
-                role=Role.ASSISTANT,
-                author_id=author_id,
-                author_name=author_name,
-                text=reply_text,
-                platform_message_id=platform_message_id,
-                reply_to=question.platform_message_id if question is not None else None,
-                created_at=utcnow(),
-                archived=not pending or (question is not None and question.archived),
+            archived = not pending or (question is not None and question.archived)
+            reply = await self._record_reply(
+                session, job, question, reply_text, author_id, author_name, platform_message_id, archived=archived
             )
-            values: dict[str, Any] = {"reply_message_id": reply.id}
+            values: dict[str, Any] = {"reply_message_id": reply.id, "finish_reason": finish_reason}
             if pending and done:
                 values.update(status=JobStatus.DONE, finished_at=utcnow())
             await session.execute(
                 update(Job).where(Job.id == job_id).values(**values).execution_options(synchronize_session=False)
             )
             return reply
+
+    async def store_stopped_reply(
+        self, job_id: int, *, reply_text: str, author_id: str, author_name: str, platform_message_id: str | None
+    ) -> Message | None:
+        """A reply stopped while it streamed (the Stop control, or a cancellation): the job ends
+        cancelled (if it had not already) and what was shown is stored as its reply, in one
+        transaction. When its question left the history (a `/reset` or `/forget` stopped it),
+        nothing is stored (None): what was said to be forgotten is not kept in any form.
+        `JobNotOwned` when another process runs the job."""
+        async with self._transaction(write=True) as session:
+            job = await self._require(session, Job, job_id, lock=True)
+            if job.status in PENDING_STATUSES and job.owner != self.owner:
+                raise JobNotOwned(f"job {job_id} is owned by {job.owner!r}, not by this process ({self.owner})")
+            question = await session.get(Message, job.message_id)
+            values: dict[str, Any] = {"finish_reason": "cancelled"}
+            reply = None
+            if question is not None and not question.archived:
+                reply = await self._record_reply(
+                    session, job, question, reply_text, author_id, author_name, platform_message_id, archived=False
+                )
+                values["reply_message_id"] = reply.id
+            if job.status in PENDING_STATUSES:
+                values.update(status=JobStatus.CANCELLED, finished_at=utcnow())
+            await session.execute(
+                update(Job).where(Job.id == job_id).values(**values).execution_options(synchronize_session=False)
+            )
+            return reply
+
+    async def _record_reply(
+        self,
+        session: Any,
+        job: Job,
+        question: Message | None,
+        text: str,
+        author_id: str,
+        author_name: str,
+        platform_message_id: str | None,
+        *,
+        archived: bool,
+    ) -> Message:
+        """Insert the job's reply (answering its question); a reply that enters the history
+        replaces its parent's first (it takes over the parent's message ids)."""
+        if not archived:
+            await self._archive_parent_reply(session, job)
+        reply, _ = await self._record(
+            session,
+            job.conversation_id,
+            role=Role.ASSISTANT,
+            author_id=author_id,
+            author_name=author_name,
+            text=text,
+            platform_message_id=platform_message_id,
+            reply_to=question.platform_message_id if question is not None else None,
+            created_at=utcnow(),
+            archived=archived,
+        )
+        return reply
+
+    @staticmethod
+    async def _archive_parent_reply(session: Any, job: Job) -> None:
+        """A follow-up's reply replaces its parent's: the parent's leaves the history (archived)
+        and gives up its platform message id, which the new reply (shown in the same messages)
+        takes over."""
+        if job.parent_job_id is None:
+            return
+        parent = await session.get(Job, job.parent_job_id)
+        if parent is not None and parent.reply_message_id is not None:
+            await session.execute(
+                update(Message).where(Message.id == parent.reply_message_id)
+                .values(archived=True, platform_message_id=None)
+                .execution_options(synchronize_session=False)
+            )
 
     async def complete_job(self, job_id: int, *, shown: bool, platform_message_id: str | None, error: str = "") -> bool:
         """End a job whose reply `finish_job(done=False)` stored: done when the reply was `shown`

@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from bot.core.types import ConversationKey, JobStatus, Role
+from bot.core.types import ConversationKey, JobKind, JobStatus, Role
 
 __all__ = [
     "Base",
@@ -182,6 +182,7 @@ class Job(Base):
         Index("ix_jobs_conversation_id_status", "conversation_id", "status"),
         Index("ix_jobs_message_id", "message_id"),
         Index("ix_jobs_owner_status", "owner", "status"),
+        Index("ix_jobs_parent_job_id", "parent_job_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -199,6 +200,15 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     owner: Mapped[str | None] = mapped_column(String(255), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    kind: Mapped[str] = mapped_column(String(16), default=JobKind.REPLY.value, server_default=JobKind.REPLY.value)
+    """What the job does (`JobKind`): answer its message, answer it again, or continue a reply."""
+    parent_job_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    """REGENERATE and CONTINUE: the job whose reply this one replaces (its reply is archived when
+    this one's is stored)."""
+    finish_reason: Mapped[str | None] = mapped_column(String(16), default=None)
+    """How the generation ended: "stop", "length" (Continue may go on) or "cancelled"."""
+    shown_text: Mapped[str | None] = mapped_column(Text, default=None)
+    """The text the streaming reply had shown so far: an attempt after a crash goes on from it."""
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, conversation_id={self.conversation_id!r}, status={self.status!s})"

@@ -23,6 +23,7 @@ from storage.base import (
     default_owner,
 )
 from storage.catalog import ConversationCatalog
+from storage.controls import ControlRecords
 from storage.conversations import ConversationRecords
 from storage.export import PersonalData
 from storage.jobs import JobRecords
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 
-class Repository(ConversationRecords, JobRecords, ConversationCatalog, LeaseRecords, RetentionRecords, PersonalData):
+class Repository(ConversationRecords, JobRecords, ControlRecords, ConversationCatalog, LeaseRecords, RetentionRecords, PersonalData):
     """Parley's storage operations over an `async_sessionmaker` (`Database.sessions`).
 
     `owner` identifies this bot process in `jobs.owner` (default: `default_owner()`); give each

@@ -627,3 +627,75 @@ async def test_messages_sent_while_offline_are_only_in_the_history(fake: FakeDis
         ten_minutes_ago = discord.utils.utcnow() - timedelta(minutes=10)
         recent = [m.content async for m in channel.history(after=ten_minutes_ago)]
         assert recent == ["while you were out", "live"]  # oldest first, as discord.py gives them
+
+
+# ------------------------------------------------------------------------------ buttons
+
+
+async def test_buttons_pressed_answered_and_removed(fake: FakeDiscord) -> None:
+    world = build_world(fake)
+    client = RecordingClient()
+    pressed: list[tuple[str, int, bool]] = []
+
+    class Buttons(discord.ui.View):
+        def __init__(self) -> None:
+            super().__init__(timeout=None)
+
+        @discord.ui.button(label="Update", custom_id="t:update")
+        async def update(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+            pressed.append(("update", interaction.user.id, interaction.permissions.manage_guild))
+            await interaction.response.edit_message(content="updated", view=None)  # type 7
+
+        @discord.ui.button(label="Quiet", custom_id="t:quiet")
+        async def quiet(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+            pressed.append(("quiet", interaction.user.id, interaction.permissions.manage_guild))
+            await interaction.response.defer()  # type 6
+
+        @discord.ui.button(label="Say", custom_id="t:say")
+        async def say(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+            await interaction.response.send_message("only you", ephemeral=True)  # type 4, flags 64
+
+    async with running(client, fake):
+        client.add_view(Buttons())  # persistent: found by custom_id, whatever the message
+        channel = client.get_channel(world.general_id)
+        message = await channel.send("choose", view=Buttons())
+        [record] = fake.messages
+        assert [b["custom_id"] for b in record.buttons] == ["t:update", "t:quiet", "t:say"]
+        assert fake.get_message(message.id)["components"][0]["type"] == 1
+
+        quiet = await fake.press_button(record, label="Quiet", user=world.carol)
+        said = await fake.press_button(record, "t:say", user=world.bob)
+        responses = await fake.wait_for(lambda: fake.interaction_responses if len(fake.interaction_responses) == 2 else None)
+        by_id = {r.interaction_id: r for r in responses}
+        assert by_id[quiet].type == 6 and by_id[quiet].message is None
+        assert by_id[said].type == 4 and by_id[said].ephemeral and by_id[said].content == "only you"
+        payload = fake.interaction_payload(quiet)
+        assert payload["type"] == 3 and payload["data"] == {"custom_id": "t:quiet", "component_type": 2}
+        assert payload["message"]["id"] == str(message.id)
+
+        update = await fake.press_button(record, label="Update", user=world.bob)
+        await fake.wait_for(lambda: record.content == "updated")
+        assert record.buttons == [] and fake.get_message(message.id)["components"] == []
+        assert next(r for r in fake.interaction_responses if r.interaction_id == update).type == 7
+        assert pressed == [("quiet", int(world.carol["id"]), True), ("update", int(world.bob["id"]), False)]
+        with pytest.raises(Exception, match="no button labelled"):
+            await fake.press_button(record, label="Update", user=world.bob)
+
+        # Buttons come and go with edits; Discord's limits on them are enforced.
+        await message.edit(view=Buttons())
+        assert len(record.buttons) == 3
+        await message.edit(content="plain", view=None)
+        assert record.buttons == [] and record.content == "plain"
+        send = discord.http.Route("POST", "/channels/{channel_id}/messages", channel_id=world.general_id)
+        twice = {"type": 2, "style": 1, "label": "a", "custom_id": "same"}
+        for components in ([{"type": 1, "components": [twice, twice]}], [twice], [{"type": 1, "components": [{"type": 2, "style": 1, "label": "no id"}]}]):
+            with pytest.raises(discord.HTTPException) as refused:
+                await client.http.request(send, json={"content": "x", "components": components})
+            assert (refused.value.status, refused.value.code) == (400, 50035)
+        # Callback types 6 and 7 are for component interactions only.
+        command = await fake.invoke_command("nothing", user=world.bob, channel_id=world.general_id)
+        token = fake.interaction_payload(command)["token"]
+        with pytest.raises(discord.HTTPException):
+            await client.http.request(
+                discord.http.Route("POST", "/interactions/{id}/{token}/callback", id=command, token=token), json={"type": 6}
+            )

@@ -491,3 +491,49 @@ async def test_chat_actions_commands_and_members(fake: FakeTelegramAPI, app: App
     assert bot_member.status == ChatMemberStatus.ADMINISTRATOR
     assert {m.user.id for m in admins} == {owner["id"], fake.bot_id}
     assert isinstance(chat, ChatFullInfo) and chat.id == group["id"]
+
+
+async def test_inline_keyboards_presses_and_answers(fake: FakeTelegramAPI, app: Application) -> None:
+    from telegram import InlineKeyboardButton, InlineKeyboardMarkup
+    from telegram.ext import CallbackQueryHandler
+
+    pressed: list[tuple[str, int, str | None]] = []
+
+    async def on_press(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        query = update.callback_query
+        pressed.append((query.from_user.first_name, query.message.message_id, query.data))
+        await query.answer(f"got {query.data}")
+
+    app.add_handler(CallbackQueryHandler(on_press))
+    ann = fake.make_user("Ann")
+    chat = fake.private_chat(ann)
+    keyboard = InlineKeyboardMarkup([[InlineKeyboardButton("Stop", callback_data="p:stop:1")]])
+    async with polling(app):
+        sent = await app.bot.send_message(chat["id"], "streaming", reply_markup=keyboard)
+        assert fake.keyboard_of(chat["id"], sent.message_id) == ["p:stop:1"]
+        # editMessageText without a keyboard removes it, as in Telegram; with one it is kept.
+        await app.bot.edit_message_text("more", chat_id=chat["id"], message_id=sent.message_id, reply_markup=keyboard)
+        assert fake.keyboard_of(chat["id"], sent.message_id) == ["p:stop:1"]
+        await app.bot.edit_message_text("done", chat_id=chat["id"], message_id=sent.message_id)
+        assert fake.keyboard_of(chat["id"], sent.message_id) == []
+        regen = InlineKeyboardMarkup([[InlineKeyboardButton("Again", callback_data="p:regen:1")]])
+        await app.bot.edit_message_reply_markup(chat["id"], sent.message_id, reply_markup=regen)
+        assert fake.keyboard_of(chat["id"], sent.message_id) == ["p:regen:1"]
+        with pytest.raises(BadRequest, match="not modified"):
+            await app.bot.edit_message_reply_markup(chat["id"], sent.message_id, reply_markup=regen)
+        with pytest.raises(BadRequest, match="(?i)message to edit not found"):
+            await app.bot.edit_message_reply_markup(chat["id"], 9999, reply_markup=regen)
+        too_long = InlineKeyboardMarkup([[InlineKeyboardButton("x", callback_data="x" * 65)]])
+        with pytest.raises(BadRequest, match="(?i)button_data_invalid"):
+            await app.bot.send_message(chat["id"], "bad", reply_markup=too_long)
+        update = fake.add_callback_query(ann, (chat["id"], sent.message_id), "p:regen:1")
+        await fake.wait_for(lambda: fake.answers)
+        assert pressed == [("Ann", sent.message_id, "p:regen:1")]
+        [answer] = fake.answers
+        assert (answer.query_id, answer.text, answer.show_alert) == (update["callback_query"]["id"], "got p:regen:1", False)
+        # A query is answered once; an empty keyboard removes the keyboard.
+        with pytest.raises(BadRequest, match="(?i)query is too old"):
+            await app.bot.answer_callback_query(update["callback_query"]["id"])
+        await app.bot.edit_message_reply_markup(chat["id"], sent.message_id, reply_markup=InlineKeyboardMarkup([]))
+        assert fake.keyboard_of(chat["id"], sent.message_id) == []
+        assert fake.markup_edits[-1] == (chat["id"], sent.message_id, None)

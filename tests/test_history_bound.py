@@ -170,3 +170,77 @@ async def test_replies_sit_right_after_their_questions_and_later_ones_stay_out(t
         assert await repo.archive_message(conversation.id, "1") and await repo.archive_message(conversation.id, "a1")
         up_to_q3 = await method(conversation.id, up_to_message_id=q3.id, max_chars=10_000)
         assert [m.text for m in up_to_q3] == ["chatter", "q2", "a2", "q3"]
+
+
+# -- stable cuts: consecutive turns load the same first message (issue 13) ---------------------------
+
+from tests.pg_server import postgres_server, postgres_url  # noqa: E402,F401  (fixtures)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> str:  # noqa: ANN001
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite+aiosqlite:///{tmp_path}/parley.db"
+
+
+MESSAGE_CHARS = 16
+
+
+def cost(message: Message) -> int:
+    return len(message.text) + len(message.author_name) + MESSAGE_CHARS
+
+
+async def test_consecutive_turns_load_the_same_first_message_until_a_jump_of_a_quarter(database_url: str) -> None:
+    import random
+
+    rng = random.Random(7)
+    max_chars = 8000
+    step = max_chars // 4
+    async with Database(database_url) as database:
+        repo = Repository(database.sessions)
+        conversation = await repo.get_or_create_conversation(ConversationKey("x", "long"), is_direct=True)
+        # Some history before a /reset: archived, never counted.
+        for index in range(5):
+            await repo.record_message(
+                conversation.id, role=Role.USER, author_id="a", author_name="Alice", text="old " * 300,
+                platform_message_id=f"old-{index}",
+            )
+        await repo.reset_conversation(conversation.id)
+        turns: list[list[Message]] = []
+        largest = 0
+        for index in range(120):
+            question = await repo.record_message(
+                conversation.id, role=Role.USER, author_id="a", author_name="Alice",
+                text="q" * rng.randint(10, 300), platform_message_id=f"q{index}",
+            )
+            question = question[0] if isinstance(question, tuple) else question
+            history = await repo.prompt_history(
+                conversation.id, up_to_message_id=question.id, max_chars=max_chars, message_chars=MESSAGE_CHARS
+            )
+            assert history[-1].id == question.id
+            assert sum(cost(m) for m in history) <= max_chars
+            assert not any(m.text.startswith("old ") for m in history)
+            turns.append(history)
+            answer = await repo.record_message(
+                conversation.id, role=Role.ASSISTANT, author_id="parley", author_name="Parley",
+                text="a" * rng.randint(10, 300), platform_message_id=f"a{index}",
+            )
+            largest = max(largest, cost(question), cost(answer[0] if isinstance(answer, tuple) else answer))
+
+    trimmed = [history for history in turns if history[0].platform_message_id != "q0"]
+    assert len(trimmed) > 60  # the conversation outgrew the bound long ago
+    jumps = 0
+    for before, after in zip(turns, turns[1:]):
+        before_ids, after_ids = [m.id for m in before], [m.id for m in after]
+        if before_ids[0] == after_ids[0]:
+            # The same first message: this turn's history is the last one's plus its answer and the new question.
+            assert after_ids[: len(before_ids)] == before_ids
+            assert len(after_ids) == len(before_ids) + 2
+            continue
+        jumps += 1
+        start = before_ids.index(after_ids[0])
+        left_out = sum(cost(m) for m in before[:start])
+        # About a quarter of the bound at once: both cuts lie within a message (and a skipped reply) of their grid line.
+        assert step - 2 * largest <= left_out <= step + 2 * largest, (left_out, step)
+    assert jumps <= len(turns) // 6, jumps

@@ -185,11 +185,12 @@ async def test_reset_in_one_process_stops_a_reply_running_in_another(url: str, t
         assert asked.job_id in a.queue.attempts.cancelled_jobs
         fa.release.set()
         (job,) = await until_final(a, [asked.job_id])
-        assert job.status is JobStatus.CANCELLED and job.reply_message_id is None
-        assert await assistant_messages(a, ROOM) == []  # the reply was not stored, not even archived
+        assert job.status is JobStatus.CANCELLED
+        assert await a.queue.wait_for(asked.job_id) == JobStatus.CANCELLED.value  # a's attempt ended
         (shown,) = fa.replies
         assert (shown.text or shown.failed or "").endswith(messages.STOPPED)
-        assert await a.queue.wait_for(asked.job_id) == JobStatus.CANCELLED.value
+        assert await assistant_messages(a, ROOM) == []  # the reply was not stored, not even archived
+        assert (await stored_job(a, asked.job_id)).reply_message_id is None
 
 
 async def test_forget_in_one_process_stops_the_authors_reply_in_another(url: str, tiny_model_dir: Path, tmp_path: Path) -> None:

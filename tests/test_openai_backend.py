@@ -19,7 +19,7 @@ import pytest
 from adapters.fake import FakeAdapter
 from bot.core.contracts import Outcome
 from bot.runtime.app import ParleyApp
-from bot.core.errors import BackendStartError
+from bot.core.errors import BackendStartError, JobFailed
 from bot.generation.client import (
     GenerationRequest,
     GenerationResult,
@@ -186,6 +186,66 @@ async def test_http_errors_map_to_job_failed_or_backend_busy(tiny_model_dir, tmp
         await runner.cleanup()
 
 
+async def test_a_partial_reply_is_sent_as_an_assistant_prefix_to_continue(tiny_model_dir, tmp_path):
+    """A chat ending with an assistant message asks the server (vLLM's parameter names) to
+    continue it; a server that refuses gets a job failure that says so. A small aiohttp server on
+    127.0.0.1 records the requests and streams a tiny reply."""
+    import json
+
+    from aiohttp import web
+
+    bodies: list[dict] = []
+
+    async def models(request):
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": 512}]})
+
+    async def chat(request):
+        body = await request.json()
+        bodies.append(body)
+        if body["messages"][-1]["content"] == "refuse":
+            return web.json_response({"error": {"message": "Unexpected fields in the request"}}, status=422)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for delta, finish in (({"role": "assistant", "content": "world"}, None), ({}, "stop")):
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        settings = openai_settings(tiny_model_dir, tmp_path, f"http://127.0.0.1:{port}/v1")
+        async with OpenAIGenerationClient(settings) as client:
+            question = ChatMessage("user", "Say hello world.")
+            history = tuple(ChatMessage("user" if i % 2 == 0 else "assistant", "x" * 400) for i in range(6))
+            continuing = history + (question, ChatMessage("assistant", "Hello "))
+            items = [item async for item in client.submit(GenerationRequest(1, continuing, GenerationSettings(max_new_tokens=200)))]
+            assert [i.text for i in items if isinstance(i, TextDelta)] == ["world"]
+            assert items[-1].finish_reason == "stop"
+            sent = bodies[-1]
+            assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+            # The question and the partial reply are both kept whole (older turns trimmed to fit 512 tokens).
+            assert sent["messages"][-2:] == [{"role": "user", "content": "Say hello world."}, {"role": "assistant", "content": "Hello "}]
+            assert items[-1].dropped_messages > 0
+            # An ordinary chat asks for a new reply, as before.
+            [_ async for _ in client.submit(GenerationRequest(2, (question,), GenerationSettings(max_new_tokens=8)))]
+            assert "continue_final_message" not in bodies[-1] and "add_generation_prompt" not in bodies[-1]
+            refused = (question, ChatMessage("assistant", "refuse"))
+            with pytest.raises(JobFailed, match="refused to continue the reply.*continue_final_message"):
+                async for _ in client.submit(GenerationRequest(3, refused, GenerationSettings(max_new_tokens=8))):
+                    pass
+    finally:
+        await runner.cleanup()
+
+
 # -- against `transformers serve` ------------------------------------------------------------------
 
 
@@ -304,3 +364,17 @@ async def test_the_embedded_model_through_transformers_serve(tiny_model_dir, tmp
             assert reply.text and reply.updates and reply.failed is None
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+async def test_transformers_serve_cannot_continue_a_reply_and_the_job_says_so(server, tiny_model_dir, tmp_path):
+    """The limitation, pinned: `transformers serve` (5.x) rejects `continue_final_message` (422,
+    unknown field) and always adds a generation prompt, so a continuation fails clearly instead of
+    the server answering the partial reply with a new one. vLLM accepts the same request."""
+    settings = openai_settings(tiny_model_dir, tmp_path, server.base_url)
+    async with OpenAIGenerationClient(settings) as client:
+        chat = (ChatMessage("user", "hi"), ChatMessage("assistant", "Hello "))
+        with pytest.raises(JobFailed, match="refused to continue the reply"):
+            async for _ in client.submit(GenerationRequest(1, chat, GenerationSettings(temperature=0.0, max_new_tokens=5))):
+                pass
+        assert (await client.health()).alive  # the server is fine; only this request was refused

@@ -27,6 +27,7 @@ from bot.core.errors import JobFailed, WorkerDead, WorkerStartError
 from bot.generation.client import GenerationClient, GenerationRequest, GenerationResult, TextDelta
 from bot.generation.subprocess_client import SubprocessGenerationClient
 from bot.runtime.backends import make_generation_client
+from bot.generation.prompt import TRIM_STEPS
 from bot.core.types import ChatMessage, GenerationSettings
 from bot.worker import IncrementalDetokenizer
 from tests.tiny_model import Reference, embedded_gguf_folder, load_reference, tiny_settings
@@ -198,8 +199,31 @@ async def test_the_worker_trims_old_history(client: SubprocessGenerationClient, 
     assert dropped > 0
     kept = [system, *history[dropped:]]
     assert result.prompt_tokens == len(reference.prompt_ids(kept)) <= budget
-    assert len(reference.prompt_ids([system, *history[dropped - 1 :]])) > budget  # dropped no more than needed
+    # Cut on the trimming grid (about a quarter of the budget at a time, so that the following
+    # turns share a prefix): no more than needed plus one grid step.
+    one_message = len(reference.prompt_ids([system, history[0]])) - len(reference.prompt_ids([system]))
+    assert result.prompt_tokens >= budget - budget // TRIM_STEPS - 2 * one_message
     assert text == reference.greedy(kept, max_new_tokens)
+
+
+@module_loop
+async def test_a_follow_up_reuses_the_first_turns_kv_cache(
+    client: SubprocessGenerationClient, reference: Reference, tiny_model_dir: Path
+) -> None:
+    first = chat("Tell me about the harbour at night.")
+    answer, result, _ = await collect(client, first, 10)
+    second = [*first, ChatMessage("assistant", answer), ChatMessage("user", "And at dawn?")]
+    text, again, _ = await collect(client, second, 10)
+    assert text == reference.greedy(second, 10)
+    # The first turn's prompt at least: its KV came from the worker's prefix cache.
+    assert again.cached_tokens >= result.prompt_tokens and again.prompt_tokens == len(reference.prompt_ids(second))
+    # `[worker] prefix_cache = false` reaches the worker: nothing is reused there.
+    settings = tiny_settings(tiny_model_dir)
+    settings = settings.with_overrides(worker=replace(settings.worker, prefix_cache=False))
+    async with SubprocessGenerationClient(settings) as uncached:
+        await collect(uncached, first, 10)
+        text_uncached, result_uncached, _ = await collect(uncached, second, 10)
+    assert (text_uncached, result_uncached.cached_tokens) == (text, 0)
 
 
 @module_loop

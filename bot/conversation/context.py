@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.conversation.history import effective_settings, effective_system_prompt
-from bot.core.types import GenerationSettings, IncomingMessage
+from bot.core.types import GenerationSettings, IncomingMessage, JobKind
 
 if TYPE_CHECKING:
     from storage import Conversation, Repository
@@ -36,6 +36,12 @@ class JobsPort(Protocol):
 
     async def forget(self, conversation_id: int, author_id: str) -> tuple[int, int]:
         """Archive one author's messages and the replies to them: (archived, cancelled)."""
+
+    async def enqueue_followup(self, parent_job_id: int, kind: JobKind) -> tuple[Any, bool]:
+        """Queue a Regenerate or Continue of a reply: (job, created). Raises `QueueFull`."""
+
+    async def stop_reply(self, job_id: int) -> bool:
+        """Stop a queued or streaming reply; False when it had already ended."""
 
     async def depth(self) -> int:
         """Jobs queued or running, everywhere."""

@@ -23,6 +23,13 @@ __all__ = [
     "render_refusal",
     "EMPTY_REPLY",
     "STOPPED",
+    "STOPPING",
+    "REGENERATING",
+    "CONTINUING",
+    "CUT_AT_LENGTH",
+    "CONVERSATION_WAS_RESET",
+    "close_code_fence",
+    "stopped_reply",
     "UNEXPECTED_ERROR",
     "STORAGE_UNAVAILABLE",
     "ASK_USAGE",
@@ -101,6 +108,12 @@ def render_refusal(refusal: Refusal) -> str:
             waiting = f"{plural(refusal.count, 'request')} are already waiting"
             when = "Please try again in a minute."
         return f"I'm busy right now: {waiting} (the limit is {refusal.maximum}). {when}"
+    if kind is RefusalKind.NOT_YOURS:
+        return "Only the person who asked, or an admin, can use the buttons of that reply."
+    if kind is RefusalKind.CONVERSATION_RESET:
+        return CONVERSATION_WAS_RESET
+    if kind is RefusalKind.CONTROL_EXPIRED:
+        return "That button no longer applies: the reply has moved on."
     raise ValueError(f"no sentence for refusal {kind!r}")
 
 
@@ -114,6 +127,34 @@ STORAGE_UNAVAILABLE = "Sorry, I can't keep track of messages right now, so that 
 JOB_CRASHED = "Sorry, something went wrong while answering. The error was logged."
 EMPTY_REPLY = "(the model gave an empty reply)"
 STOPPED = "[stopped]"
+CONVERSATION_WAS_RESET = "This conversation was reset."
+STOPPING = "Stopped."
+"""What the presser of Stop reads (a toast, an ephemeral answer)."""
+REGENERATING = "Answering that again."
+CONTINUING = "Going on from where it stopped."
+CUT_AT_LENGTH = "(cut at the length limit)"
+"""For adapters to show beside a reply that carries Continue. Never part of the stored reply,
+which stays the model's own text so that Continue goes on from exactly it."""
+
+
+def close_code_fence(text: str) -> str:
+    """`text` with a Markdown code block it leaves open closed, so what follows is not code."""
+    opener: str | None = None  # the fence of the open block ("```" or "~~~"), None outside one
+    for line in text.splitlines():
+        stripped = line.lstrip()
+        for fence in ("```", "~~~"):
+            if stripped.startswith(fence) and (opener is None or opener == fence):
+                opener = fence if opener is None else None
+                break
+    if opener is None:
+        return text
+    return f"{text}{opener}" if text.endswith("\n") else f"{text}\n{opener}"
+
+
+def stopped_reply(text: str) -> str:
+    """A reply stopped while it streamed, as shown and stored: what was shown, then the
+    `STOPPED` marker, never inside a code block."""
+    return f"{close_code_fence(text.rstrip())}\n{STOPPED}"
 TEXT_ONLY = "I can only read text messages for now."
 """Adapters answer it to a direct message that has no text (a picture, a sticker)."""
 
@@ -166,7 +207,10 @@ def system_prompt_shown(prompt: str, *, is_default: bool) -> str:
 
 
 def system_prompt_set(prompt: str) -> str:
-    return f"System prompt set: {clip(prompt)}"
+    shown = clip(prompt)
+    if shown.count("```") % 2:  # a lone fence would leave the rest of the message a code block
+        shown += "\n```"
+    return f"System prompt set: {shown}"
 
 
 def system_prompt_too_long(count: int, maximum: int) -> str:

@@ -12,6 +12,7 @@ theirs too, so a command delivered again does nothing and says nothing (`Outcome
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -20,10 +21,10 @@ from bot.conversation.commands import COMMANDS, MAX_COMMAND_CHARS
 from bot.conversation.context import CommandContext, ConversationDefaults, HealthPort, JobsPort
 from bot.conversation.limits import UserRateLimit
 from bot.conversation.registry import CommandRegistry, ParsedCommand, parse_command
-from bot.core.contracts import Outcome, Refusal, RefusalKind, RouteResult
+from bot.core.contracts import Control, ControlPress, Outcome, Refusal, RefusalKind, RouteResult
 from bot.core.errors import ParleyError, QueueFull, StorageError, StorageUnavailable, UpdateAlreadyHandled
 from bot.core.text import normalize_text
-from bot.core.types import ConversationKey, GenerationSettings, IncomingMessage, Role
+from bot.core.types import ConversationKey, GenerationSettings, IncomingMessage, JobKind, JobStatus, Role
 
 if TYPE_CHECKING:
     from storage import Conversation, Repository
@@ -33,6 +34,23 @@ if TYPE_CHECKING:
 __all__ = ["Router"]
 
 log = logging.getLogger("parley.router")
+
+
+def _press_update(press: ControlPress) -> IncomingMessage | None:
+    """The update a press came in, as storage records handled updates (by conversation and an id
+    that cannot be a message's: "press:<platform>:<press id>"); None for presses that cannot come
+    twice (no id)."""
+    if not press.press_id:
+        return None
+    platform = press.conversation.platform
+    return IncomingMessage(
+        conversation=press.conversation,
+        message_id=f"press:{platform}:{press.press_id}",
+        author=press.author,
+        text="",
+        is_direct=press.is_direct,
+        addressed=False,
+    )
 
 
 def _refused(outcome: Outcome, refusal: Refusal) -> RouteResult:
@@ -185,6 +203,77 @@ class Router:
         return CommandContext(
             message=message, defaults=self.defaults, repo=self.repo, jobs=self.jobs, health=self.backend.health
         )
+
+    async def press(self, press: ControlPress) -> RouteResult:
+        """A control pressed on a reply (see `Core.press`). It takes effect once: the press's
+        platform id is recorded in `handled_updates` (as "press:<platform>:<id>") in the same
+        transaction as its effect, a Regenerate or Continue already waiting for the same reply
+        makes a second one a duplicate, and Stop on a stopped reply has expired."""
+        try:
+            return await self._press(press)
+        except UpdateAlreadyHandled:
+            return RouteResult(Outcome.DUPLICATE)
+        except StorageUnavailable as exc:
+            log.warning("storage is unavailable; a %s press was not taken: %s", press.control.value, exc)
+            return RouteResult(Outcome.ERROR, reply=messages.STORAGE_UNAVAILABLE, private=True)
+        except StorageError:
+            log.exception("storage failed on a %s press on job %d", press.control.value, press.job_id)
+            return RouteResult(Outcome.ERROR, reply=messages.UNEXPECTED_ERROR, private=True)
+        except Exception:
+            log.exception("unexpected error handling a %s press on job %d", press.control.value, press.job_id)
+            return RouteResult(Outcome.ERROR, reply=messages.UNEXPECTED_ERROR, private=True)
+
+    async def _press(self, press: ControlPress) -> RouteResult:
+        update = _press_update(press)
+        if update is not None and await self.repo.was_handled(update):
+            return RouteResult(Outcome.DUPLICATE)
+
+        async def refuse(kind: RefusalKind, outcome: Outcome = Outcome.REFUSED) -> RouteResult:
+            if update is not None and not await self.repo.mark_handled(update):
+                return RouteResult(Outcome.DUPLICATE)
+            return _refused(outcome, Refusal(kind))
+
+        conversation = await self.repo.find_conversation(press.conversation)
+        job = await self.repo.get_job(press.job_id)
+        if conversation is None or job is None or job.conversation_id != conversation.id:
+            return await refuse(RefusalKind.CONTROL_EXPIRED)
+        trigger = await self.repo.get_message(job.message_id)
+        if trigger is None or trigger.archived:  # a /reset (or /forget) since
+            return await refuse(RefusalKind.CONVERSATION_RESET)
+        author = press.author
+        if not (press.is_direct or conversation.is_direct or author.is_admin or trigger.author_id == author.id):
+            return await refuse(RefusalKind.NOT_YOURS)
+        claim = self.repo.handling(update) if update is not None else contextlib.nullcontext()
+        if press.control is Control.STOP:
+            with claim:
+                stopped = await self.jobs.stop_reply(job.id)
+            if not stopped:
+                return await refuse(RefusalKind.CONTROL_EXPIRED)
+            return RouteResult(Outcome.COMMAND, reply=messages.STOPPING, job_id=job.id, private=True)
+        waiting = await self.repo.pending_followup(job.id)
+        if waiting is not None:  # a double tap (two presses, two platform ids): it runs once
+            if update is not None:
+                await self.repo.mark_handled(update)
+            return RouteResult(Outcome.DUPLICATE, job_id=waiting.id)
+        finished = job.status in (JobStatus.DONE, JobStatus.CANCELLED)
+        if not finished or await self.repo.newest_reply_job(conversation.id) != job.id:
+            return await refuse(RefusalKind.CONTROL_EXPIRED)
+        if press.control is Control.CONTINUE and (job.status != JobStatus.DONE or job.finish_reason != "length"):
+            return await refuse(RefusalKind.CONTROL_EXPIRED)
+        wait = self.rate_limit.check(press.conversation.platform, author.id)
+        if wait is not None:
+            return await refuse(RefusalKind.RATE_LIMITED, Outcome.BUSY)
+        kind = JobKind.CONTINUE if press.control is Control.CONTINUE else JobKind.REGENERATE
+        try:
+            with claim:
+                followup, created = await self.jobs.enqueue_followup(job.id, kind)
+        except QueueFull as exc:
+            refusal = Refusal(RefusalKind.QUEUE_FULL, limit=exc.limit, count=exc.count, maximum=exc.maximum)
+            return _refused(Outcome.BUSY, refusal)
+        if not created:  # another press got there first, between the check above and now
+            return RouteResult(Outcome.DUPLICATE, job_id=followup.id)
+        reply = messages.CONTINUING if kind is JobKind.CONTINUE else messages.REGENERATING
+        return RouteResult(Outcome.QUEUED, reply=reply, job_id=followup.id, private=True)
 
     async def handle_edit(self, message: IncomingMessage) -> bool:
         """A user edited a message: the stored text follows (the answer already given stays).

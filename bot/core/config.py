@@ -92,6 +92,14 @@ class WorkerSettings:
     threads: int = field(default=0, metadata=_range(0, 1024))
     stall_timeout: float = field(default=120.0, metadata=_range(1, 86_400))
     """A worker that sends nothing for this long while it holds jobs is taken as hung and replaced."""
+    prefix_cache: bool = True
+    """Keep finished replies' KV cache so a conversation's next turn prefills only what is new."""
+    prefix_cache_mb: int = field(default=0, metadata=_range(0, 1_048_576))
+    """The prefix cache's memory bound in MiB (0 = half the worker's KV-cache budget)."""
+    prefill_chunk_tokens: int = field(default=512, metadata=_range(1, 1_048_576))
+    """While replies are generating, a new prompt is prefilled this many tokens per decode step."""
+    draft_tokens: int = field(default=4, metadata=_range(0, 64))
+    """Prompt-lookup speculative decoding for a reply generating alone: draft tokens checked per step (0 = off)."""
 
 
 @dataclass(frozen=True, slots=True)

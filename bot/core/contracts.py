@@ -225,10 +225,22 @@ class ReplyStream(abc.ABC):
     """Set by the job queue: awaited with `posted_ids` each time a new message is posted, before
     the next is sent, so the ids are persisted and a restart edits those messages, not reposts."""
 
+    on_render: Callable[[str], Awaitable[None]] | None = None
+    """Set by the job queue: awaited with the text a streaming render is about to show, before the
+    platform is asked to show it, so the text is persisted first and a reply cut by a crash goes
+    on from at least what people saw (without it the queue persists the text about once a second,
+    and a restart may go on from a little less than was shown)."""
+
     async def report_posted(self) -> None:
         """For implementations: call after posting a message (and before posting another)."""
         if self.on_posted is not None:
             await self.on_posted(self.posted_ids)
+
+    async def report_render(self, text: str) -> None:
+        """For implementations: call with the text (the whole reply so far) before a streaming
+        render shows it (`update`'s renders; `finish` and `fail` need not)."""
+        if self.on_render is not None:
+            await self.on_render(text)
 
     async def set_controls(self, controls: Sequence[Control]) -> None:
         """Show `controls` on the reply from its next render on (`update`, `finish`); none removes

@@ -14,6 +14,7 @@ __all__ = [
     "ChatMessage",
     "Role",
     "JobStatus",
+    "JobKind",
 ]
 
 
@@ -29,6 +30,17 @@ class JobStatus(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class JobKind(str, enum.Enum):
+    """What a job does with its message."""
+
+    REPLY = "reply"
+    """Answer the message."""
+    REGENERATE = "regenerate"
+    """Answer it again (the Regenerate control): the new reply replaces the parent job's, in place."""
+    CONTINUE = "continue"
+    """Go on from where the parent job's reply was cut (the Continue control), appended to it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,8 @@ class GenerationResult:
     completion_tokens: int
     dropped_messages: int = 0
     """How many of the oldest history messages were left out to fit the context window."""
+    cached_tokens: int = 0
+    """How many of the prompt tokens came from the worker's prefix cache instead of being prefilled."""
 
 
 @dataclass(frozen=True, slots=True)

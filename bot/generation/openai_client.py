@@ -31,6 +31,14 @@ People's text is data: before a chat is sent, everything in it that looks like a
 control token (`<|im_start|>`, `</s>`, `[INST]`, `<start_of_turn>` ...) is broken with a zero-width
 space (`bot.generation.prompt.neutralize_markers`), so the server's tokenizer reads it as text.
 
+Continuing a reply: a chat that ends with an assistant message (the Continue button, a reply cut
+by a crash) is sent as an assistant prefix, with `continue_final_message: true,
+add_generation_prompt: false` in the request body, the names vLLM (and SGLang) accept, so the
+server leaves that turn open and the model goes on from its last character. A server that does
+not know them refuses the request (`transformers serve` up to at least 5.24 does: it rejects
+unknown fields with 422 and always adds a generation prompt): the job fails saying the server
+cannot continue a reply, rather than the server answering the partial reply with a new one.
+
 The API key is read from the environment variable `[openai] api_key_env` names, and is never logged.
 """
 
@@ -77,6 +85,8 @@ _CONTEXT_KEYS = ("max_model_len", "context_length", "context_window", "max_conte
 _RETRYABLE_STATUS = {408, 429}
 _BUSY_FIRST_WAIT, _BUSY_MAX_WAIT = 0.5, 30.0  # seconds, doubling, when the server names no wait
 _PING_TIMEOUT = 5.0
+# Sent with a chat that ends with an assistant message: continue that message, open no new turn.
+_CONTINUE_FINAL_MESSAGE = {"continue_final_message": True, "add_generation_prompt": False}
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
@@ -287,7 +297,7 @@ class OpenAIGenerationClient(GenerationClient):
             job.queue.put_nowait(exc)
             return
         except openai.APIStatusError as exc:
-            job.queue.put_nowait(self._status_error(exc))
+            job.queue.put_nowait(self._status_error(exc, continuing=_continues(messages)))
             return
         except (openai.APIConnectionError, httpx.TransportError) as exc:
             what = "broke off mid-reply" if stream is not None else "could not be made"
@@ -327,6 +337,7 @@ class OpenAIGenerationClient(GenerationClient):
                     temperature=settings.temperature,
                     top_p=settings.top_p,
                     max_tokens=settings.max_new_tokens,
+                    extra_body=_CONTINUE_FINAL_MESSAGE if _continues(messages) else None,
                 )
             except openai.APIStatusError as exc:
                 status = exc.status_code
@@ -354,11 +365,16 @@ class OpenAIGenerationClient(GenerationClient):
                     raise
                 await asyncio.sleep(min(_BUSY_FIRST_WAIT * 2 ** (connection_failures - 1), 8.0))
 
-    def _status_error(self, exc: openai.APIStatusError) -> Exception:
+    def _status_error(self, exc: openai.APIStatusError, *, continuing: bool = False) -> Exception:
         status = exc.status_code
         if status in _RETRYABLE_STATUS or status >= 500:
             return self._dead(f"the model server answered HTTP {status}: {_server_message(exc)}")
         self._mark_alive()  # it answered: it is up, this request is what it refused
+        if continuing:
+            return JobFailed(
+                f"the model server refused to continue the reply (HTTP {status}; it may not support "
+                f"continue_final_message): {_server_message(exc)}"
+            )
         return JobFailed(f"the model server refused the request (HTTP {status}): {_server_message(exc)}")
 
     def _dead(self, reason: str) -> BackendDown:
@@ -392,6 +408,11 @@ class OpenAIGenerationClient(GenerationClient):
     @property
     def model_info(self) -> ModelInfo | None:
         return self._info
+
+
+def _continues(messages: Sequence[ChatMessage]) -> bool:
+    """Whether the chat asks to continue its last message, a partial reply."""
+    return bool(messages) and messages[-1].role == "assistant"
 
 
 def _context_of(entry: Any) -> int:

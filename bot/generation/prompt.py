@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from bot.core.errors import JobFailed
 from bot.core.types import ChatMessage
 
-__all__ = ["PromptTooLong", "fit_to_budget", "neutralize_markers", "ZERO_WIDTH_SPACE"]
+__all__ = ["PromptTooLong", "TRIM_STEPS", "fit_to_budget", "neutralize_markers", "ZERO_WIDTH_SPACE"]
 
 ZERO_WIDTH_SPACE = "\u200b"
 """Put inside a control-token string of people's text, so no tokenizer reads it as the token."""
@@ -48,55 +48,80 @@ class PromptTooLong(JobFailed):
         self.budget = budget
 
 
+TRIM_STEPS = 4
+"""History is cut at grid lines a `budget // TRIM_STEPS` tokens apart (see `fit_to_budget`)."""
+
+
 def fit_to_budget(
     messages: Sequence[ChatMessage],
     budget: int,
     count_tokens: Callable[[Sequence[ChatMessage]], int],
 ) -> tuple[tuple[ChatMessage, ...], int]:
-    """Drop the oldest turns until `count_tokens(kept) <= budget`; return (kept, how many were dropped).
+    """Leave out the oldest turns until `count_tokens(kept) <= budget`; return (kept, how many were dropped).
 
-    The system message (when it comes first) and the newest message are always kept; if they alone
-    are over budget, `PromptTooLong` is raised. Counting is a full chat-template tokenization, so
-    the number of drops is found by binary search: O(log n) calls to `count_tokens`.
+    The system message (when it comes first) and the newest message are always kept; when the
+    newest is an assistant's partial reply (to be continued), the user message before it (its
+    question) is kept too. If those alone are over budget, `PromptTooLong` is raised.
+
+    Cuts are stable, so that consecutive turns share a prompt prefix (the worker's prefix cache
+    reuses it): the history is measured in tokens from its first given message, and it is only
+    ever cut where a grid line lies, every `budget // TRIM_STEPS` tokens. The cut is the first grid
+    line past which everything fits; the history then starts at the first message at or after
+    that line. As a conversation grows, turn after turn keeps the same first message until it no
+    longer fits, then about a quarter of the budget goes at once. This is stateless: the caller
+    hands in the history from the same first message each turn (`prompt_history` keeps it so).
+
+    Counting is a full chat-template tokenization, so both the least that must go and the grid
+    cut are found by binary search: O(log n) calls to `count_tokens`.
     """
     if not messages:
         raise ValueError("fit_to_budget needs at least one message")
     messages = tuple(messages)
-    if len(messages) == 1:
-        tokens = count_tokens(messages)
-        if tokens > budget:
-            raise PromptTooLong(tokens, budget)
-        return messages, 0
+    head = messages[:1] if messages[0].role == "system" and len(messages) > 1 else ()
+    newest_count = 1
+    if messages[-1].role == "assistant" and len(messages) - len(head) >= 2 and messages[-2].role == "user":
+        newest_count = 2  # a partial reply and its question: both are "the newest"
+    older = messages[len(head) : len(messages) - newest_count]
+    newest = messages[len(messages) - newest_count :]
 
-    head = messages[:1] if messages[0].role == "system" else ()
-    older = messages[len(head) : -1]
-    newest = messages[-1:]
+    counted: dict[int, int] = {}
 
-    def keep_after(drop: int) -> tuple[tuple[ChatMessage, ...], int]:
+    def tokens_without(drop: int) -> int:
+        """Tokens of the prompt with the oldest `drop` turns of `older` left out (cached)."""
+        if drop not in counted:
+            counted[drop] = count_tokens(head + older[drop:] + newest)
+        return counted[drop]
+
+    def skip_replies(drop: int) -> int:
         # A history that opens with an assistant turn (its question trimmed away) reads as the bot
         # talking to itself, so once anything is trimmed, trailing assistant turns go too. This
-        # only ever drops more, so "fewer kept, fewer tokens" still holds for the binary search.
+        # only ever drops more, so "more dropped, fewer tokens" still holds for the searches.
         if drop:
             while drop < len(older) and older[drop].role == "assistant":
                 drop += 1
-        return head + older[drop:] + newest, drop
+        return drop
 
-    everything, _ = keep_after(0)
-    if count_tokens(everything) <= budget:
-        return everything, 0
+    def first_at_least(low: int, high: int, accept: Callable[[int], bool]) -> int:
+        """The smallest drop in [low, high] that `accept`s, `high` if none below does (monotone)."""
+        while low < high:
+            middle = (low + high) // 2
+            if accept(middle):
+                high = middle
+            else:
+                low = middle + 1
+        return high
 
-    # Smallest drop in [1, len(older)] that fits; len(older) (head + newest only) must fit at all.
-    low, high = 1, len(older)
-    minimal, minimal_drop = keep_after(high)
-    tokens = count_tokens(minimal)
-    if tokens > budget:
-        raise PromptTooLong(tokens, budget)
-    best = (minimal, minimal_drop)
-    while low < high:
-        middle = (low + high) // 2
-        kept, dropped = keep_after(middle)
-        if count_tokens(kept) <= budget:
-            best, high = (kept, dropped), middle
-        else:
-            low = middle + 1
-    return best
+    total = tokens_without(0)
+    if total <= budget:
+        return messages, 0
+    if not older or tokens_without(skip_replies(len(older))) > budget:
+        raise PromptTooLong(tokens_without(len(older)), budget)
+
+    # The least that must go (as few turns as fit)...
+    least = first_at_least(1, len(older), lambda drop: tokens_without(skip_replies(drop)) <= budget)
+    # ...and the first grid line past the turns before it: the cut lies at or after `least`, so it fits.
+    step = max(1, budget // TRIM_STEPS)
+    line = ((total - tokens_without(least - 1)) // step + 1) * step
+    cut = first_at_least(least, len(older), lambda drop: total - tokens_without(drop) >= line)
+    dropped = skip_replies(cut)
+    return head + older[dropped:] + newest, dropped

@@ -16,7 +16,8 @@ worker → bot
     fatal      message                           (loading failed; the worker exits)
     started    job_id, prompt_tokens, dropped_messages, batch, batch_size
     deltas     texts: {"<job_id>": text, ...}    (one line per decode step for every job with new text)
-    done       job_id, finish_reason, prompt_tokens, completion_tokens, dropped_messages  (a GenerationResult)
+    done       job_id, finish_reason, prompt_tokens, completion_tokens, dropped_messages, cached_tokens
+                                                 (a GenerationResult)
     error      job_id, message                   (this job failed; the worker carries on)
     pong       nonce
 

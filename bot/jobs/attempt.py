@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bot.conversation import messages
 from bot.conversation.history import MESSAGE_OVERHEAD_CHARS, build_chat, effective_settings, history_char_budget
-from bot.core.contracts import Adapter, ReplyStream
+from bot.core.contracts import Adapter, Control, ReplyStream
 from bot.core.errors import BackendBusy, BackendDown, JobFailed
-from bot.core.types import ConversationKey, GenerationSettings, JobStatus
+from bot.core.types import ChatMessage, ConversationKey, GenerationSettings, JobKind, JobStatus, Role
 from bot.generation.client import GenerationClient, GenerationRequest, GenerationResult, TextDelta
 
 if TYPE_CHECKING:
-    from storage import Repository
+    from storage import Job, Repository
 
 __all__ = ["AttemptOutcome", "AttemptPolicy", "JobAttempts"]
 
@@ -125,6 +126,7 @@ class JobAttempts:
             return AttemptOutcome.PARKED
         job = await self.repo.get_job(job_id)
         trigger = await self.repo.get_message(job.message_id)
+        parent, parent_reply = await self._parent_of(job)
         # Only what the context could hold (by a generous characters-a-token bound; the backend
         # trims by tokens), with every reply finished by now after its question.
         info = self.client.model_info
@@ -135,34 +137,52 @@ class JobAttempts:
             message_chars=MESSAGE_OVERHEAD_CHARS,
         )
         chat = build_chat(conversation, history, self.policy.default_system_prompt)
+        # The text the reply starts with, which the model continues (a final assistant message):
+        # what an interrupted attempt had shown (crash resume), else the reply Continue extends.
+        prefix = job.shown_text or (parent_reply or "" if job.kind == JobKind.CONTINUE.value else "")
+        prefix = prefix.lstrip()
+        if prefix:
+            chat = (*chat, ChatMessage(Role.ASSISTANT.value, prefix))
         settings = effective_settings(conversation, self.policy.default_settings)
         if not await self.repo.mark_running(job_id, [m.to_dict() for m in chat]):
             return AttemptOutcome.NOT_STARTED
         self._claimed.add(job_id)  # released by `ended` (the queue calls it however the attempt ends)
         self._lost.discard(job_id)
         stream = self._streams.get(job_id)
+        key = ConversationKey(conversation.platform, conversation.key)
         if stream is None:
-            # After a crash, the messages the interrupted attempt posted are edited, not reposted.
-            resume = job.reply_platform_ids or ()
-            key = ConversationKey(conversation.platform, conversation.key)
+            # After a crash, the messages the interrupted attempt posted are edited, not reposted;
+            # a Regenerate or Continue shows its reply in the messages of the reply it replaces.
+            resume = job.reply_platform_ids or (parent.reply_platform_ids if parent is not None else None) or ()
             stream = await adapter.open_reply(key, trigger.platform_message_id if trigger else None, resume)
             self._streams[job_id] = stream
+            if not job.reply_platform_ids:
+                await self._retire_controls(adapter, key, job, resume)
+        stream.job_id = job_id
         if job.reply_message_id is not None:
             # An attempt stored this reply and died before it was shown in full: show that text.
             stored = await self.repo.get_message(job.reply_message_id)
             if stored is not None and not stored.archived:
                 stream.on_posted = self._id_saver(job_id, job.reply_platform_ids)
-                return await self._deliver(job_id, stream, stored.text, stored=True)
-        # Every posted id is saved before the stream sends the next message (it awaits this).
-        stream.on_posted = persist = self._id_saver(job_id, job.reply_platform_ids)
-        text = ""
+                return await self._deliver(job_id, stream, stored.text, job.finish_reason, stored=True)
+        # Every posted id is saved before the stream sends the next message (it awaits this), and
+        # the text shown before it is shown (streams that report renders) or about once a second.
+        progress = _Progress(self.repo, job_id, job.shown_text)
+        stream.on_posted = persist = self._id_saver(job_id, job.reply_platform_ids, progress)
+        stream.on_render = progress.save
+        await stream.set_controls([Control.STOP])
+        if prefix:
+            await stream.update(prefix)
+        generated = ""
         result: GenerationResult | None = None
         try:
             async for event in self.client.submit(GenerationRequest(job_id, chat, settings)):
                 if isinstance(event, TextDelta):
-                    text += event.text
-                    if text.strip():
-                        await stream.update(text.lstrip())  # as the final reply will be: stripped
+                    generated += event.text
+                    shown = prefix + generated if prefix else generated.lstrip()  # as the final reply will be
+                    if shown.strip():
+                        await progress.save(shown, throttled=True)
+                        await stream.update(shown)
                         await persist(stream.posted_ids)  # for a stream that does not report them
                 else:
                     result = event
@@ -173,18 +193,68 @@ class JobAttempts:
         except JobFailed as exc:
             await self.repo.fail_job(job_id, str(exc))
             notice = messages.BACKEND_BUSY if isinstance(exc, BackendBusy) else messages.job_failed(str(exc))
+            await stream.set_controls(())
             await self._show(job_id, stream.fail(notice))
             return AttemptOutcome.FAILED
         if job_id in self._lost:
             return await self.abandon(job_id, "taken over")
+        text = (prefix + generated).strip()
         if job_id in self._cancelled or (result is not None and result.finish_reason == "cancelled"):
+            return await self._stopped(job, stream, text, generated, parent, parent_reply)
+        finish_reason = result.finish_reason if result is not None else None
+        return await self._deliver(job_id, stream, text or messages.EMPTY_REPLY, finish_reason)
+
+    async def _parent_of(self, job: Job) -> tuple[Job | None, str | None]:
+        """A follow-up's parent job and the text of its reply (None when it has none in the history)."""
+        if job.parent_job_id is None:
+            return None, None
+        parent = await self.repo.get_job(job.parent_job_id)
+        if parent is None or parent.reply_message_id is None:
+            return parent, None
+        reply = await self.repo.get_message(parent.reply_message_id)
+        return parent, (reply.text if reply is not None and not reply.archived else None)
+
+    async def _retire_controls(self, adapter: Adapter, key: ConversationKey, job: Job, resume: Sequence[str]) -> None:
+        """A new reply begins: the one before it in the conversation loses its controls (best
+        effort: a message gone or a platform refusing is logged, not fatal)."""
+        if not adapter.supports_controls:
+            return
+        try:
+            older = await self.repo.previous_reply_ids(job.conversation_id, job.id, keep=resume)
+            if older:
+                await adapter.clear_controls(key, older)
+        except Exception as exc:  # noqa: BLE001 - a platform's errors are the adapter's types
+            log.warning("job %d: could not remove the controls of the previous reply: %s: %s", job.id, type(exc).__name__, exc)
+
+    async def _stopped(
+        self, job: Job, stream: ReplyStream, text: str, generated: str, parent: Job | None, parent_reply: str | None
+    ) -> AttemptOutcome:
+        """The reply was stopped (Stop, /reset, /forget): what was shown is kept and stored as a
+        stopped reply, its marker after any code block the text left open. A Regenerate or
+        Continue stopped before it added anything gives the reply it follows back, unchanged."""
+        job_id = job.id
+        if parent is not None and parent_reply is not None and not generated.strip() and not job.shown_text:
             await self.repo.cancel_job(job_id)
-            if text.strip():
-                await self._show(job_id, stream.finish(f"{text}\n{messages.STOPPED}"))
-            else:
-                await self._show(job_id, stream.fail(messages.STOPPED))
+            await stream.set_controls(_final_controls(parent.finish_reason))
+            await self._show(job_id, stream.finish(parent_reply))
             return AttemptOutcome.CANCELLED
-        return await self._deliver(job_id, stream, text.strip() or messages.EMPTY_REPLY)
+        if not text:
+            await self.repo.cancel_job(job_id)
+            await stream.set_controls(())
+            await self._show(job_id, stream.fail(messages.STOPPED))
+            return AttemptOutcome.CANCELLED
+        reply = messages.stopped_reply(text)
+        stored = await self.repo.store_stopped_reply(
+            job_id,
+            reply_text=reply,
+            author_id="parley",
+            author_name=self.policy.bot_name,
+            platform_message_id=stream.posted_ids[0] if stream.posted_ids else None,
+        )
+        # Not stored when its question left the history (/reset, /forget): nothing to regenerate.
+        await stream.set_controls(() if stored is None else [Control.REGENERATE])
+        await self._show(job_id, stream.finish(reply))
+        return AttemptOutcome.CANCELLED
 
     async def _backend_down(self, job_id: int, stream: ReplyStream, exc: BackendDown) -> AttemptOutcome:
         attempts = await self.repo.requeue_job(job_id, f"backend down: {exc}")
@@ -197,7 +267,9 @@ class JobAttempts:
         log.warning("job %d: the backend went down (attempt %d of %d); it will be retried", job_id, attempts, limit)
         return AttemptOutcome.REQUEUED
 
-    async def _deliver(self, job_id: int, stream: ReplyStream, reply: str, *, stored: bool = False) -> AttemptOutcome:
+    async def _deliver(
+        self, job_id: int, stream: ReplyStream, reply: str, finish_reason: str | None, *, stored: bool = False
+    ) -> AttemptOutcome:
         """Store the final reply, show it, then end the job. Stored first, so no trouble delivering
         it can lose it (the stream retries, then posts anew); ended last, so a crash in between
         leaves the job running with its reply stored, and the restarted attempt shows that very
@@ -211,7 +283,9 @@ class JobAttempts:
                 author_name=self.policy.bot_name,
                 platform_message_id=stream.posted_ids[0] if stream.posted_ids else None,
                 done=False,
+                finish_reason=finish_reason,
             )
+        await stream.set_controls(_final_controls(finish_reason))
         error = await self._show(job_id, stream.finish(reply))
         shown = error is None or bool(stream.posted_ids)  # a terminal shows without message ids
         ended = await self.repo.complete_job(
@@ -235,8 +309,11 @@ class JobAttempts:
             return exc
         return None
 
-    def _id_saver(self, job_id: int, saved: Sequence[str] | None) -> Callable[[list[str]], Awaitable[None]]:
-        """Saves a reply's posted ids when they change, one save at a time, in call order."""
+    def _id_saver(
+        self, job_id: int, saved: Sequence[str] | None, progress: _Progress | None = None
+    ) -> Callable[[list[str]], Awaitable[None]]:
+        """Saves a reply's posted ids when they change, one save at a time, in call order (and
+        the text shown so far with them)."""
         last = list(saved or ())
         lock = asyncio.Lock()
 
@@ -246,5 +323,43 @@ class JobAttempts:
                 if list(ids) != last:
                     await self.repo.set_reply_platform_ids(job_id, ids)
                     last = list(ids)
+                    if progress is not None:
+                        await progress.flush()
 
         return persist
+
+
+def _final_controls(finish_reason: str | None) -> tuple[Control, ...]:
+    """A finished reply's controls: Regenerate, and Continue when it was cut at the length limit.
+    (The stored text stays the model's own; adapters may show `messages.CUT_AT_LENGTH` beside
+    Continue.)"""
+    return (Control.REGENERATE, Control.CONTINUE) if finish_reason == "length" else (Control.REGENERATE,)
+
+
+class _Progress:
+    """The text a streaming reply has shown, persisted on the job (`shown_text`) so an attempt
+    after a crash goes on from it: before each render a stream reports (`on_render`), else at most
+    once every `interval` seconds, and whenever posted ids are saved."""
+
+    def __init__(self, repo: Repository, job_id: int, saved: str | None, interval: float = 1.0) -> None:
+        self.repo = repo
+        self.job_id = job_id
+        self.interval = interval
+        self._saved = saved or ""
+        self._latest = self._saved
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def save(self, text: str, *, throttled: bool = False) -> None:
+        self._latest = text
+        if throttled and time.monotonic() - self._at < self.interval:
+            return
+        await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            text = self._latest
+            if text and text != self._saved:
+                await self.repo.set_shown_text(self.job_id, text)
+                self._saved = text
+                self._at = time.monotonic()

@@ -25,13 +25,13 @@ from bot.core.config import QueueSettings
 from bot.core.context import current_job
 from bot.core.contracts import Adapter
 from bot.core.errors import JobNotOwned, StorageError
-from bot.core.types import IncomingMessage, JobStatus
+from bot.core.types import IncomingMessage, JobKind, JobStatus
 from bot.generation.client import GenerationClient
 from bot.jobs.attempt import AttemptOutcome, AttemptPolicy, JobAttempts
 from bot.jobs.scheduler import FairScheduler, QueuedJob
 
 if TYPE_CHECKING:
-    from storage import Repository
+    from storage import Job, Repository
 
 __all__ = ["GenerationQueue"]
 
@@ -129,6 +129,30 @@ class GenerationQueue:
         if created:
             self._wake.set()
         return job, created
+
+    async def enqueue_followup(self, parent_job_id: int, kind: JobKind) -> tuple[Job, bool]:
+        """Queue a Regenerate or Continue of the parent job's reply, within the same bounds as a
+        message (raises QueueFull); it waits its turn in the fair order like any job. Returns
+        (job, created): created is False when one was already waiting for that reply."""
+        job, created = await self.repo.enqueue_followup(
+            parent_job_id,
+            kind,
+            max_pending=self.limits.max_pending,
+            max_pending_per_conversation=self.limits.max_pending_per_conversation,
+            max_pending_per_user=self.limits.max_pending_per_user,
+        )
+        if created:
+            self._wake.set()
+        return job, created
+
+    async def stop_reply(self, job_id: int) -> bool:
+        """The Stop control: the job is cancelled in storage and its generation stops at the next
+        decode step (in this process now, in another within `poll_interval`); what was shown is
+        kept as a stopped reply. False when the job had already ended."""
+        stopped = await self.repo.stop_job(job_id)
+        if stopped:
+            await self._cancelled_in_storage([job_id])
+        return stopped
 
     async def reset(self, conversation_id: int, *, system_prompt: str | None) -> tuple[int, int]:
         """Archive the history, cancel pending and running jobs. Returns (archived, cancelled)."""

@@ -37,6 +37,9 @@ class AdapterCore:
         if metrics is not None:  # every RouteResult counted by platform, outcome, refusal reason
             self.handle = metrics.counted(router.handle)
             self.handle_update = metrics.counted(router.handle_update)
+        self.press = router.press
+        if metrics is not None:
+            self.press = metrics.counted(router.press)
         self.claim_update = router.claim_update
         self.handle_edit = router.handle_edit
         self.handle_delete = router.handle_delete

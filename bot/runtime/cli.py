@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chat = commands.add_parser("chat", help="chat with the model in this terminal (reads piped input too)")
+    chat = commands.add_parser(
+        "chat",
+        help="chat with the model in this terminal: Markdown replies, line editing, Ctrl-C stops a reply (reads piped input too)",
+    )
     chat.add_argument("--conversation", metavar="NAME", help="which terminal conversation to continue (default from [console])")
     commands.add_parser("run", help="start every adapter the config enables")
     db = commands.add_parser("db", help="database maintenance")

@@ -1,8 +1,10 @@
 """The engine: runs generation jobs on a loaded model, many decoded together.
 
 It admits waiting jobs into the running decode batch (`bot.worker.batch`) as far as the batch
-size and the KV-cache memory budget allow, samples each row's next token with its own settings,
-and says everything through `emit` as `bot.generation.protocol` messages. The worker process
+size and the KV-cache memory budget allow, starting each from the longest prefix of its prompt
+that the prefix cache (`bot.worker.prefix_cache`) holds and prefilling long prompts in slices
+between decode steps, samples each row's next token with its own settings, and says everything
+through `emit` as `bot.generation.protocol` messages. The worker process
 (`bot.worker.server`) runs one; the in-process client (tests) runs one on a thread.
 """
 
@@ -24,6 +26,9 @@ from bot.generation import protocol
 from bot.generation.client import GenerationResult, ModelInfo
 from bot.generation.prompt import fit_to_budget
 from bot.worker.batch import DecodeBatch, EngineJob, Row, can_splice, default_kv_budget_bytes, kv_bytes_per_token
+from bot.worker.kv import GrowingCache
+from bot.worker.prefix_cache import LayerKV, PrefixCache
+from bot.worker.speculate import DEFAULT_DRAFT_TOKENS
 from bot.worker.detokenizer import IncrementalDetokenizer
 from bot.worker.template import ChatTemplater
 
@@ -38,10 +43,12 @@ _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "
 # always at once). On CPU a step of one job takes ~20 ms, and each message costs the bot process
 # a JSON decode and a reply-stream update on the same few cores; 50 ms is still instant to a reader.
 _DELTA_INTERVAL_S = 0.05
-# At most this many prompt tokens (left padding included) are prefilled between two decode steps:
-# it bounds the activation memory of a prefill and how long running jobs stall for newcomers.
-# A single prompt longer than this is still prefilled, alone.
+# While no row is decoding, at most this many prompt tokens (left padding included) go into one
+# prefill forward: it bounds a prefill's activation memory. While rows decode, `prefill_chunk_tokens`
+# bounds it instead (a long prompt goes in slices between decode steps, so running streams flow).
 _PREFILL_TOKENS = 4096
+# The share of the KV budget the prefix cache may hold when `prefix_cache_bytes` is 0 (automatic).
+_PREFIX_CACHE_SHARE = 0.5
 
 
 @dataclass
@@ -63,6 +70,17 @@ class EngineStats:
     jobs_failed: int = 0
     admitted_mid_batch: int = 0
     held_for_memory: int = 0
+    prefill_slices: int = 0
+    """Forwards that prefilled part of one prompt on its own (after a cached prefix, or a slice of a long one)."""
+    prefix_hits: int = 0
+    prefix_misses: int = 0
+    prefix_evictions: int = 0
+    prefix_tokens_reused: int = 0
+    prefix_cache_bytes: int = 0
+    draft_tokens: int = 0
+    """Prompt-lookup draft tokens checked (a reply generating alone)."""
+    draft_accepted: int = 0
+    """Of those, tokens the model agreed with: decode steps saved."""
 
 
 class Engine:
@@ -78,6 +96,14 @@ class Engine:
     (`kv_budget_bytes`, by default half the memory free after loading). A job that does not fit
     waits for rows to leave; one job alone is always admitted.
 
+    The prefix cache (`prefix_cache`, within `prefix_cache_bytes`, 0 = half the KV budget) keeps
+    the KV of finished rows; a newcomer starts from the longest prefix of its prompt found there.
+    Its bytes count against the same KV budget: admission evicts least recently used entries
+    before it holds a job for memory. A newcomer's prompt (the part not cached) is prefilled at
+    most `prefill_chunk_tokens` tokens per decode step while rows are decoding; with none
+    decoding, in one forward of up to `_PREFILL_TOKENS`. A row decoding alone checks up to
+    `draft_tokens` prompt-lookup draft tokens per step (`bot.worker.speculate`).
+
     `ignore_eos` (benchmarks only, set through the protocol's `Configure`) makes every reply run to
     its max_new_tokens, never stopping at an end-of-turn token, so every reply has the same length.
 
@@ -92,6 +118,10 @@ class Engine:
         *,
         kv_budget_bytes: int | None = None,
         ignore_eos: bool = False,
+        prefix_cache: bool = True,
+        prefix_cache_bytes: int = 0,
+        prefill_chunk_tokens: int = 512,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -110,9 +140,20 @@ class Engine:
         compute_dtype = getattr(torch, loaded.info.dtype, torch.float32)
         self.kv_bytes_per_token = kv_bytes_per_token(self.model, compute_dtype)
         self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget_bytes(self.device)
+        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
+        # Sliding-window, quantized or offloaded cache layers cannot be spliced, nor cut into prefixes.
+        self._splices = can_splice(GrowingCache(config=self.model.config))
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache and self._splices:
+            capacity = prefix_cache_bytes or int(self.kv_budget_bytes * _PREFIX_CACHE_SHARE)
+            self.prefix_cache = PrefixCache(min(capacity, self.kv_budget_bytes))
+        # Checking a draft crops rejected columns, which only plain layers support.
+        self.draft_tokens = max(0, draft_tokens) if self._splices else 0
         self._waiting: deque[EngineJob] = deque()
         self._running: dict[int, EngineJob] = {}
         self._held: deque[Row] = deque()  # prepared, waiting for room in the batch (engine thread only)
+        self._prefilling: deque[Row] = deque()  # started, being prefilled (engine thread only)
+        self._batch = DecodeBatch(self)
         self._wakeup = threading.Condition()
         self._stopping = False
         self._batch_id = 0
@@ -170,15 +211,15 @@ class Engine:
     # -- the engine thread --
 
     def run(self) -> None:
-        """Admit waiting jobs and decode the running batch one step at a time, until `stop`."""
-        batch = DecodeBatch(self)
+        """Admit waiting jobs, prefill, and decode the running batch one step at a time, until `stop`."""
         while True:
+            batch = self._batch
             with self._wakeup:
-                while not self._waiting and not self._held and not batch.rows and not self._stopping:
+                while not (self._waiting or self._held or self._prefilling or batch.rows or self._stopping):
                     self._wakeup.wait()
                 if self._stopping:
                     return
-                room = self.max_batch - len(batch.rows) - len(self._held)
+                room = self.max_batch - len(batch.rows) - len(self._prefilling) - len(self._held)
                 jobs = [self._waiting.popleft() for _ in range(max(0, min(room, len(self._waiting))))]
                 self._running.update((job.job_id, job) for job in jobs)
             for job in jobs:
@@ -187,8 +228,10 @@ class Engine:
                     self._held.append(row)
             if self._held:
                 self._admit(batch)
+            if self._prefilling:
+                self._prefill(batch)
             if batch.rows:
-                batch = self._step(batch)
+                self._batch = self._step(batch)
 
     def _prepare_or_fail(self, job: EngineJob) -> Row | None:
         try:
@@ -201,53 +244,131 @@ class Engine:
         return None
 
     def _admit(self, batch: DecodeBatch) -> None:
-        """Move held rows into the batch, in order, as far as the batch size, memory and prefill bounds allow."""
-        rows: list[Row] = []
-        count = len(batch.rows)
-        most_columns = max((row.most_columns for row in batch.rows), default=0)
+        """Start held rows, in order, as far as the batch size and memory allow: each is told
+        `Started`, takes its cached prefix, and waits in `_prefilling` for its prefill."""
+        started: list[Row] = []
+        others = (*batch.rows, *self._prefilling)
+        count = len(others)
+        most_columns = max((row.most_columns for row in others), default=0)
         prefill_width = 0
-        splices = batch.cache is None or can_splice(batch.cache)
+        cache = self.prefix_cache
         while self._held:
             row = self._held[0]
             if row.job.cancelled:
                 self._held.popleft()
                 self._end(row, "cancelled")
                 continue
-            if count >= self.max_batch or (count and not splices):
+            if count >= self.max_batch or (count and not self._splices):
                 break
             columns = max(most_columns, row.most_columns)
-            if count and (count + 1) * columns * self.kv_bytes_per_token > self.kv_budget_bytes:
+            needed = (count + 1) * columns * self.kv_bytes_per_token
+            if cache is not None and needed > self.kv_budget_bytes - cache.bytes:
+                cache.match(row.prompt_ids)  # the entry this row would use goes last
+                cache.evict_to(max(0, self.kv_budget_bytes - needed))
+            if count and needed > self.kv_budget_bytes - (cache.bytes if cache is not None else 0):
                 self.stats.held_for_memory += 1
                 break
             width = max(prefill_width, len(row.prompt_ids))
-            if rows and (len(rows) + 1) * width > _PREFILL_TOKENS:
-                break
+            if not self._splices and started and (len(started) + 1) * width > _PREFILL_TOKENS:
+                break  # unspliceable rows are prefilled in one forward, so bound it here
             self._held.popleft()
-            rows.append(row)
+            started.append(row)
             count += 1
             most_columns, prefill_width = columns, width
-        if not rows:
+        if not started:
             return
-        joining = bool(batch.rows)
-        if not joining:
+        if not others:
             self._batch_id += 1
             self.stats.batches += 1
-        else:
-            self.stats.admitted_mid_batch += len(rows)
+        elif batch.rows:
+            self.stats.admitted_mid_batch += len(started)
         self.stats.largest_batch = max(self.stats.largest_batch, count)
-        for row in rows:
+        for row in started:
             self.emit(
                 protocol.Started(
                     row.job.job_id, len(row.prompt_ids), row.dropped_messages, batch=self._batch_id, batch_size=count
                 )
             )
-        try:
-            with torch.inference_mode():
-                batch.admit(rows)
-        except Exception as exc:  # out of memory for this prefill...: fail the newcomers only
-            log.exception("prefilling %d job(s) failed", len(rows))
-            for row in rows:
-                self._fail(row.job.job_id, f"generation failed: {type(exc).__name__}: {exc}")
+            if cache is not None:
+                try:
+                    with torch.inference_mode():
+                        row.cache, row.cached_tokens = cache.take(row.prompt_ids, self.model.config)
+                except Exception:  # out of memory for the copy: prefill it all instead
+                    log.exception("taking the cached prefix of job %s failed", row.job.job_id)
+                    row.cache, row.cached_tokens = None, 0
+                row.prefilled = row.cached_tokens
+            self._prefilling.append(row)
+        self._sync_prefix_stats()
+
+    def _prefill(self, batch: DecodeBatch) -> None:
+        """This step's prefill: up to `prefill_chunk_tokens` prompt tokens while rows decode (else up
+        to `_PREFILL_TOKENS`); short fresh prompts together in one forward, others slice by slice
+        in their own cache. Rows whose whole prompt is in join the batch."""
+        budget = self.prefill_chunk_tokens if batch.rows else max(self.prefill_chunk_tokens, _PREFILL_TOKENS)
+        queue = self._prefilling
+        for row in [row for row in queue if row.job.cancelled]:
+            queue.remove(row)
+            self._drop_prefill(row)
+            self._end(row, "cancelled")
+        while queue and budget > 0:
+            row = queue[0]
+            group: list[Row] = []
+            if row.cache is None and (len(row.prompt_ids) <= budget or not self._splices):
+                width = 0
+                for other in queue:
+                    grown = max(width, len(other.prompt_ids))
+                    fits = (len(group) + 1) * grown <= min(budget, _PREFILL_TOKENS)
+                    if other.cache is not None or (group and self._splices and not fits):
+                        break
+                    group.append(other)
+                    width = grown
+            try:
+                with torch.inference_mode():
+                    if group:
+                        for _ in group:
+                            queue.popleft()
+                        budget -= len(group) * width
+                        batch.admit(group)
+                    else:
+                        tokens = min(budget, len(row.prompt_ids) - row.prefilled)
+                        budget -= tokens
+                        self.stats.prefill_slices += 1
+                        if batch.prefill_slice(row, tokens):
+                            queue.popleft()
+            except Exception as exc:  # out of memory for this prefill...: fail the newcomers only
+                failed = group or [queue.popleft()]
+                log.exception("prefilling %d job(s) failed", len(failed))
+                for row in failed:
+                    row.cache = None
+                    self._fail(row.job.job_id, f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _drop_prefill(self, row: Row) -> None:
+        """A row leaves before its prefill ended: keep what its own cache holds, as a finished row's."""
+        cache, row.cache = row.cache, None
+        if cache is not None and row.prefilled > 0:
+            layers = cache.layers
+            self.keep_prefix(row.prompt_ids[: row.prefilled], lambda: [(kv.keys.clone(), kv.values.clone()) for kv in layers])
+
+    def keep_prefix(self, ids: list[int], kv: Callable[[], LayerKV]) -> None:
+        """Offer a leaving row's KV (it holds `ids`) to the prefix cache, within what the batch leaves free."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        staying = [row for row in (*self._batch.rows, *self._prefilling) if row.finish_reason is None]
+        reserved = len(staying) * max((row.most_columns for row in staying), default=0) * self.kv_bytes_per_token
+        cache.insert(ids, kv, self.kv_bytes_per_token, room=self.kv_budget_bytes - reserved)
+        self._sync_prefix_stats()
+
+    def drafted(self, drafted: int, accepted: int) -> None:
+        self.stats.draft_tokens += drafted
+        self.stats.draft_accepted += accepted
+
+    def _sync_prefix_stats(self) -> None:
+        cache = self.prefix_cache
+        if cache is not None:
+            stats = self.stats
+            stats.prefix_hits, stats.prefix_misses, stats.prefix_evictions = cache.hits, cache.misses, cache.evictions
+            stats.prefix_tokens_reused, stats.prefix_cache_bytes = cache.tokens_reused, cache.bytes
 
     def _step(self, batch: DecodeBatch) -> DecodeBatch:
         """One decode step; returns the batch to go on with (a fresh one if this one failed)."""
@@ -296,6 +417,7 @@ class Engine:
                     prompt_tokens=len(row.prompt_ids),
                     completion_tokens=row.completion_tokens,
                     dropped_messages=row.dropped_messages,
+                    cached_tokens=row.cached_tokens,
                 ),
             )
         )
@@ -359,3 +481,5 @@ class Engine:
             batch.admit([self._prepare(job)])
             while batch.rows:
                 batch.step()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # warm-up text is no one's prefix

@@ -118,7 +118,16 @@ class _WorkerServer:
                 protocol.Fatal(f"loading the model failed ({type(exc).__name__}: {exc}); check [model] model")
             )
             return 1
-        engine = Engine(loaded, emit=self.writer.send, ignore_eos=configure.ignore_eos)
+        worker = configure.worker
+        engine = Engine(
+            loaded,
+            emit=self.writer.send,
+            ignore_eos=configure.ignore_eos,
+            prefix_cache=worker.prefix_cache,
+            prefix_cache_bytes=worker.prefix_cache_mb * 2**20,
+            prefill_chunk_tokens=worker.prefill_chunk_tokens,
+            draft_tokens=worker.draft_tokens,
+        )
         with self._lock:
             self.engine = engine
         info = loaded.info

@@ -73,11 +73,39 @@ class ChatTemplater:
         return tuple(ChatMessage(m.role, self.neutralize(m.content)) for m in messages)
 
     def render(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """The template applied as it is: `messages` must come from `safe_chat`."""
-        ids = self.tokenizer.apply_chat_template(
-            [message.to_dict() for message in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+        """The template applied as it is: `messages` must come from `safe_chat`.
+
+        A chat that ends with an assistant message asks to continue that reply from exactly where
+        it stopped: the prompt then ends with its text (no end-of-turn token after it), the
+        assistant turn left open, instead of opening a new one."""
+        chat = [message.to_dict() for message in messages]
+        if not messages or messages[-1].role != "assistant":
+            ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+            return list(ids)
+        return self._render_continuation(chat, messages[-1].content)
+
+    def _render_continuation(self, chat: list[dict[str, str]], partial: str) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            chat, continue_final_message=True, add_generation_prompt=False, tokenize=False
         )
-        return list(ids)
+        # A template that trims contents loses the partial reply's trailing space or newline (and
+        # transformers then strips the end): put it back, what comes next depends on it.
+        if not text.endswith(partial) and text.endswith(partial.strip()):
+            text += partial[len(partial.rstrip()) :]
+        tail = partial if text.endswith(partial) else partial.strip()
+        start = len(text) - len(tail) if tail and text.endswith(tail) else len(text)
+        whole = self._encode(text)
+        opening = self._encode(text[:start])
+        if whole[: len(opening)] == opening:
+            return whole
+        # The reply's first characters merged with the end of the template's opening (a newline
+        # after "assistant\n" makes one "\n\n" token): the model never saw those ids when it wrote
+        # the text, so the opening keeps its own and the reply is tokenized on its own.
+        return opening + self._encode(text[start:])
+
+    def _encode(self, text: str) -> list[int]:
+        # As `apply_chat_template` tokenizes its rendering: control tokens parsed, none added.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def ids(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt ids of `messages`, people's text neutralized."""

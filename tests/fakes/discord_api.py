@@ -181,6 +181,13 @@ class BotMessage:
     interaction_id: Optional[int] = None
     deleted: bool = False
     files: dict[str, bytes] = field(default_factory=dict)
+    components: list[dict[str, Any]] = field(default_factory=list)
+    """The message's component rows as last sent (``[]`` once removed)."""
+
+    @property
+    def buttons(self) -> list[dict[str, Any]]:
+        """The buttons (component type 2) the message shows now, in order."""
+        return [c for row in self.components for c in row.get("components", ()) if c.get("type") == 2]
 
     @property
     def ephemeral(self) -> bool:
@@ -396,6 +403,8 @@ class _Interaction:
     response: Optional[InteractionResponse] = None
     original: Optional[BotMessage] = None
     deferred_placeholder_pending: bool = False
+    message_id: Optional[int] = None
+    """A component interaction (type 3): the message whose component was used."""
 
 
 @dataclass
@@ -927,7 +936,8 @@ class FakeDiscord:
                          content: str, mentions: Sequence[int] = (), mention_roles: Sequence[int] = (),
                          mention_everyone: bool = False, reference: Optional[Mapping[str, Any]] = None,
                          attachments: Sequence[Mapping[str, Any]] = (), embeds: Sequence[Any] = (),
-                         flags: int = 0, timestamp: Optional[str] = None) -> dict[str, Any]:
+                         flags: int = 0, timestamp: Optional[str] = None,
+                         components: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
         guild_id = self._channel_guild_id(channel)
         msg: dict[str, Any] = {
             "id": str(message_id),
@@ -945,7 +955,7 @@ class FakeDiscord:
             "embeds": list(embeds),
             "pinned": False,
             "flags": flags,
-            "components": [],
+            "components": copy.deepcopy(list(components)),
         }
         if guild_id is not None:
             msg["guild_id"] = str(guild_id)
@@ -1188,13 +1198,43 @@ class FakeDiscord:
             data["guild_id"] = str(guild_id)
         if resolved:
             data["resolved"] = resolved
+        return await self._dispatch_interaction(2, data, ch, invoker, guild_id, locale)
+
+    async def press_button(self, message: Union[Snowflakeish, BotMessage], custom_id: Optional[str] = None, *, user: Snowflakeish,
+                           label: Optional[str] = None, locale: str = "en-US") -> int:
+        """``user`` presses a button of ``message`` (a bot message, its payload or id), chosen by
+        ``custom_id`` or ``label``: INTERACTION_CREATE (type 3, MESSAGE_COMPONENT, component_type
+        2) is dispatched with the message as it is now, and its id returned. A custom_id the
+        message does not show may be pressed too (a stale client); a label must be shown. In guilds
+        the interaction carries ``member`` with its computed ``permissions``, as for commands."""
+        self._require_session()
+        mid = message.id if isinstance(message, BotMessage) else _id_of(message)
+        msg = self._all_messages.get(mid)
+        if msg is None:
+            raise FakeDiscordError(f"unknown message {mid}")
+        if custom_id is None:
+            shown = [c for row in msg.get("components", ()) for c in row.get("components", ())
+                     if c.get("type") == 2 and c.get("label") == label]
+            if not shown:
+                raise FakeDiscordError(f"message {mid} shows no button labelled {label!r}")
+            custom_id = shown[0]["custom_id"]
+        ch = self._channel(msg["channel_id"])
+        invoker = self._user(user)
+        data = {"custom_id": custom_id, "component_type": 2}
+        return await self._dispatch_interaction(3, data, ch, invoker, self._channel_guild_id(ch), locale,
+                                                message=copy.deepcopy(msg))
+
+    async def _dispatch_interaction(self, kind: int, data: dict[str, Any], ch: dict[str, Any],
+                                    invoker: dict[str, Any], guild_id: Optional[int], locale: str, *,
+                                    message: Optional[dict[str, Any]] = None) -> int:
+        uid = int(invoker["id"])
         iid = self._snowflake()
         token = "aW50ZXJhY3Rpb24" + secrets.token_urlsafe(48)
         channel_payload = {k: v for k, v in ch.items() if k != "recipients"}
         payload: dict[str, Any] = {
             "id": str(iid),
             "application_id": str(self.application_id),
-            "type": 2,
+            "type": kind,
             "data": data,
             "channel_id": ch["id"],
             "channel": channel_payload,
@@ -1204,6 +1244,8 @@ class FakeDiscord:
             "entitlements": [],
             "attachment_size_limit": 10 * 1024 * 1024,
         }
+        if message is not None:
+            payload["message"] = message
         if guild_id is not None:
             g = self._guild(guild_id)
             if uid not in g.members:
@@ -1231,7 +1273,7 @@ class FakeDiscord:
                 authorizing_integration_owners={"0": "0"},
             )
         record = _Interaction(id=iid, token=token, channel_id=int(ch["id"]), guild_id=guild_id, user_id=uid,
-                              payload=payload)
+                              payload=payload, message_id=int(message["id"]) if message is not None else None)
         self._interactions[iid] = record
         self._interactions_by_token[token] = record
         await self.dispatch("INTERACTION_CREATE", payload)
@@ -1796,6 +1838,43 @@ class FakeDiscord:
         if len(body.get("embeds") or ()) > 10:
             return self._error(400, 50035, "Invalid Form Body", {"embeds": {"_errors": [
                 {"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 10 or fewer in length."}]}})
+        problem = self._component_problem(body.get("components"))
+        if problem is not None:
+            return self._error(400, 50035, "Invalid Form Body", {"components": {"_errors": [
+                {"code": "COMPONENT_INVALID", "message": problem}]}})
+        return None
+
+    @staticmethod
+    def _component_problem(rows: Any) -> Optional[str]:
+        """What Discord would refuse in a message's (classic) components: at most 5 action rows
+        (type 1) of at most 5 buttons (type 2), each with a label of at most 80 characters and,
+        unless it is a link (style 5), a custom_id of 1-100 characters unique in the message."""
+        if rows is None:
+            return None
+        if not isinstance(rows, list) or len(rows) > 5:
+            return "Must be a list of at most 5 action rows."
+        seen: set[str] = set()
+        for row in rows:
+            if not isinstance(row, dict) or row.get("type") != 1:
+                return "Top-level components must be action rows (type 1)."
+            items = row.get("components")
+            if not isinstance(items, list) or not 1 <= len(items) <= 5:
+                return "An action row holds 1 to 5 components."
+            for item in items:
+                if not isinstance(item, dict) or item.get("type") != 2:
+                    continue  # select menus and the like: not checked here
+                if len(str(item.get("label") or "")) > 80:
+                    return "A button label is at most 80 characters."
+                if item.get("style") == 5:
+                    if not item.get("url"):
+                        return "A link button needs a url."
+                    continue
+                custom_id = item.get("custom_id")
+                if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 100:
+                    return "A button needs a custom_id of 1 to 100 characters."
+                if custom_id in seen:
+                    return "Component custom id cannot be duplicated."
+                seen.add(custom_id)
         return None
 
     @staticmethod
@@ -1852,6 +1931,7 @@ class FakeDiscord:
             message_id=mid, channel=ch, author=self._bot_author(), content=content or "", mentions=user_ids,
             mention_roles=role_ids, mention_everyone=everyone, reference=reference, attachments=attachments,
             embeds=body.get("embeds") or (), flags=int(body.get("flags") or 0),
+            components=body.get("components") or (),
         )
         if body.get("nonce") is not None:
             msg["nonce"] = body["nonce"]
@@ -1862,6 +1942,7 @@ class FakeDiscord:
             revisions=[content], allowed_mentions=allowed, message_reference=body.get("message_reference"),
             flags=msg["flags"], embeds=list(body.get("embeds") or ()), attachments=attachments,
             pinged_user_ids=tuple(user_ids), payload=body, created_at=time.monotonic(), files=blobs,
+            components=copy.deepcopy(msg["components"]),
         )
         self._bot_messages[mid] = record
         self.messages.append(record)
@@ -1914,6 +1995,9 @@ class FakeDiscord:
         msg["attachments"] = new_attachments
         if "embeds" in body:
             msg["embeds"] = body["embeds"] or []
+        if "components" in body:
+            msg["components"] = copy.deepcopy(body["components"] or [])
+            record.components = copy.deepcopy(msg["components"])
         if "flags" in body and body["flags"] is not None:
             msg["flags"] = int(body["flags"]) | (msg["flags"] & _EPHEMERAL)
         msg["flags"] &= ~_LOADING
@@ -2046,13 +2130,13 @@ class FakeDiscord:
         msg = self._message_payload(
             message_id=mid, channel=ch, author=self._bot_author(), content=content or "", mentions=user_ids,
             mention_roles=role_ids, mention_everyone=everyone, attachments=attachments,
-            embeds=body.get("embeds") or (), flags=flags,
+            embeds=body.get("embeds") or (), flags=flags, components=body.get("components") or (),
         )
         msg.update(
             type=20 if kind == "interaction_response" else 0,
             webhook_id=str(self.application_id),
             application_id=str(self.application_id),
-            interaction_metadata={"id": str(interaction.id), "type": 2,
+            interaction_metadata={"id": str(interaction.id), "type": interaction.payload["type"],
                                   "user": self._users[interaction.user_id],
                                   "authorizing_integration_owners": interaction.payload.get(
                                       "authorizing_integration_owners", {})},
@@ -2063,6 +2147,7 @@ class FakeDiscord:
             revisions=[content], allowed_mentions=allowed, message_reference=None, flags=flags,
             embeds=list(body.get("embeds") or ()), attachments=attachments, pinged_user_ids=tuple(user_ids),
             payload=dict(body), created_at=time.monotonic(), interaction_id=interaction.id, files=blobs,
+            components=copy.deepcopy(msg["components"]),
         )
         self._bot_messages[mid] = record
         return record, msg
@@ -2093,7 +2178,21 @@ class FakeDiscord:
                                                              flags=(flags & _EPHEMERAL) | _LOADING,
                                                              attachments=[], blobs={})
             interaction.deferred_placeholder_pending = True
-        elif kind not in (1, 6, 7, 8, 9, 10, 12):
+        elif kind in (6, 7) and interaction.message_id is None:
+            return self._error(400, 50035, "Invalid Form Body", {"type": {"_errors": [
+                {"code": "INTERACTION_CALLBACK_TYPE_INVALID",
+                 "message": "This callback type is only valid for component interactions."}]}})
+        elif kind == 7:  # UPDATE_MESSAGE: edit the message the component is on
+            target = self._bot_messages.get(interaction.message_id)
+            msg = self._all_messages.get(interaction.message_id)
+            if target is None or msg is None:
+                return self._error(404, 10008, "Unknown Message")
+            failed = self._apply_edit(target, msg, data)
+            if failed is not None:
+                return failed
+            if self.echo_bot_messages and target.kind == "channel" and self._sessions:
+                await self._dispatch_message_event("MESSAGE_UPDATE", msg)
+        elif kind not in (1, 6, 8, 9, 10, 12):
             return self._error(400, 50035, "Invalid Form Body", {"type": {"_errors": [
                 {"code": "BASE_TYPE_CHOICES", "message": "Value must be one of the interaction callback types."}]}})
         response = InteractionResponse(interaction_id=interaction.id, type=kind, flags=flags,
@@ -2106,7 +2205,7 @@ class FakeDiscord:
             return self._no_content()
         result: dict[str, Any] = {"interaction": {
             "id": str(interaction.id),
-            "type": 2,
+            "type": interaction.payload["type"],
             "response_message_loading": kind == 5,
             "response_message_ephemeral": bool(flags & _EPHEMERAL),
         }}

@@ -45,6 +45,7 @@ from aiohttp import web
 
 __all__ = [
     "ApiCall",
+    "CallbackAnswer",
     "ChatAction",
     "EditedMessage",
     "FakeTelegramAPI",
@@ -217,6 +218,16 @@ class EditedMessage:
     def text(self) -> str:
         """The stored (parsed) text after this edit."""
         return self.message.get("text", "")
+
+
+@dataclass(frozen=True)
+class CallbackAnswer:
+    """A successful ``answerCallbackQuery``: the query answered and what the presser is shown."""
+
+    query_id: str
+    text: str | None
+    show_alert: bool
+    params: JSONDict
 
 
 @dataclass(frozen=True)
@@ -709,7 +720,14 @@ class FakeTelegramAPI:
             chat and listed in :attr:`withheld`. Off by default so that tests see every message.
 
     Recording (read freely, in order of arrival): :attr:`calls`, :attr:`sent`, :attr:`edits`,
-    :attr:`deleted`, :attr:`actions`, :attr:`commands`, :attr:`withheld`.
+    :attr:`markup_edits`, :attr:`answers`, :attr:`deleted`, :attr:`actions`, :attr:`commands`,
+    :attr:`withheld`.
+
+    Inline keyboards: ``reply_markup`` with ``inline_keyboard`` on ``sendMessage``,
+    ``editMessageText`` (an edit without one removes the keyboard, as in Telegram) and
+    ``editMessageReplyMarkup`` (an empty keyboard removes it); a press is injected with
+    :meth:`add_callback_query` and answered with ``answerCallbackQuery`` (once per query, as
+    Telegram allows). :meth:`keyboard_of` reads a message's buttons.
 
     Simplifications (deliberate): message ids are counted per chat; the length limit counts
     Unicode code points of the text after entity parsing (entity offsets are UTF-16 code units,
@@ -749,6 +767,10 @@ class FakeTelegramAPI:
         """Every successful ``sendDocument``, with the uploaded file's name and bytes."""
         self.edits: list[EditedMessage] = []
         """Every successful ``editMessageText``."""
+        self.markup_edits: list[tuple[int, int, JSONDict | None]] = []
+        """``(chat_id, message_id, reply_markup or None)`` of every successful ``editMessageReplyMarkup``."""
+        self.answers: list[CallbackAnswer] = []
+        """Every successful ``answerCallbackQuery``."""
         self.deleted: list[tuple[int, int]] = []
         """``(chat_id, message_id)`` of every successful ``deleteMessage``."""
         self.actions: list[ChatAction] = []
@@ -766,6 +788,8 @@ class FakeTelegramAPI:
         self._users: dict[int, JSONDict] = {}
         self._files: dict[str, tuple[JSONDict, bytes]] = {}  # file_id → (File, content)
         self._queue: list[_QueuedUpdate] = []
+        self._queries: dict[str, bool] = {}  # callback query id → answered
+        self._query_ids = itertools.count(9_000_000_001)
         self._last_update_id = 700_000_000
         self._allowed_updates: list[str] = []
         self._failures: dict[str, list[_Failure]] = {}
@@ -792,6 +816,8 @@ class FakeTelegramAPI:
                 "sendMessage": self._send_message,
                 "sendDocument": self._send_document,
                 "editMessageText": self._edit_message_text,
+                "editMessageReplyMarkup": self._edit_message_reply_markup,
+                "answerCallbackQuery": self._answer_callback_query,
                 "deleteMessage": self._delete_message,
                 "sendChatAction": self._send_chat_action,
                 "setMyCommands": self._set_my_commands,
@@ -1151,6 +1177,41 @@ class FakeTelegramAPI:
             reply_to_message_id=reply_to_message_id,
             message_thread_id=message_thread_id,
         )
+
+    def add_callback_query(
+        self, user: JSONDict, message: JSONDict | tuple[int, int], data: str, *, query_id: str | None = None
+    ) -> JSONDict:
+        """Queue a press of an inline keyboard button by ``user`` on a message; returns the Update.
+
+        ``message`` is a Message dict or ``(chat_id, message_id)``; the update carries the message
+        in its current state. ``data`` is the button's ``callback_data`` as the bot set it (any
+        string: the fake does not check that the message shows such a button). Each call is a new
+        press with a new query id; deliver the same press again with :meth:`redeliver`.
+        """
+        chat_id, message_id = (message["chat"]["id"], message["message_id"]) if isinstance(message, dict) else message
+        state = self._state_for(chat_id)
+        stored = state.messages.get(message_id)
+        if stored is None:
+            raise KeyError(f"no message {message_id} in chat {chat_id}")
+        self._users.setdefault(user["id"], user)
+        query = query_id or str(next(self._query_ids))
+        self._queries.setdefault(query, False)
+        return self._enqueue(
+            {
+                "callback_query": {
+                    "id": query,
+                    "from": user,
+                    "message": _copy(stored),
+                    "chat_instance": str(-abs(chat_id)),
+                    "data": data,
+                }
+            }
+        )
+
+    def keyboard_of(self, chat_id: int, message_id: int) -> list[str]:
+        """The ``callback_data`` of every inline button a message shows now (row by row)."""
+        markup = self.message(chat_id, message_id).get("reply_markup") or {}
+        return [button.get("callback_data", "") for row in markup.get("inline_keyboard", []) for button in row]
 
     def add_update(self, raw: JSONDict) -> JSONDict:
         """Queue an arbitrary Update dict and return it.
@@ -1520,8 +1581,8 @@ class FakeTelegramAPI:
             message["entities"] = entities
         if params.get("link_preview_options"):
             message["link_preview_options"] = params["link_preview_options"]
-        markup = params.get("reply_markup")
-        if isinstance(markup, dict) and "inline_keyboard" in markup:
+        markup = _inline_keyboard(params)
+        if markup is not None:
             message["reply_markup"] = markup
         state.messages[message["message_id"]] = message
         self.sent.append(SentMessage(params, _copy(message)))
@@ -1567,8 +1628,7 @@ class FakeTelegramAPI:
         if message.get("from", {}).get("id") != self.bot_id or "text" not in message:
             raise _ApiError(400, "Bad Request: message can't be edited")
         text, entities = self._checked_text(params)
-        markup = params.get("reply_markup")
-        markup = markup if isinstance(markup, dict) and "inline_keyboard" in markup else None
+        markup = _inline_keyboard(params)
         if (
             text == message.get("text")
             and entities == message.get("entities", [])
@@ -1588,6 +1648,41 @@ class FakeTelegramAPI:
         message["edit_date"] = int(time.time())
         self.edits.append(EditedMessage(params, previous, _copy(message)))
         return message
+
+    async def _edit_message_reply_markup(self, params: JSONDict) -> JSONDict:
+        if params.get("inline_message_id"):
+            raise _ApiError(400, "Bad Request: inline messages are not supported by the fake")
+        state = self._target_chat(params)
+        message_id = _as_int(params.get("message_id"), "message_id")
+        if message_id is None:
+            raise _ApiError(400, "Bad Request: message identifier is not specified")
+        message = state.messages.get(message_id)
+        if message is None:
+            raise _ApiError(400, "Bad Request: message to edit not found")
+        if message.get("from", {}).get("id") != self.bot_id:
+            raise _ApiError(400, "Bad Request: message can't be edited")
+        markup = _inline_keyboard(params)
+        if markup == message.get("reply_markup"):
+            raise _ApiError(400, _NOT_MODIFIED)
+        if markup is None:
+            message.pop("reply_markup", None)
+        else:
+            message["reply_markup"] = markup
+        message["edit_date"] = int(time.time())
+        self.markup_edits.append((state.chat["id"], message_id, _copy(markup) if markup else None))
+        return message
+
+    async def _answer_callback_query(self, params: JSONDict) -> bool:
+        query = str(params.get("callback_query_id") or "")
+        if self._queries.get(query, True):  # unknown, or answered already
+            raise _ApiError(400, "Bad Request: query is too old and response timeout expired or query ID is invalid")
+        text = params.get("text")
+        if text is not None and len(str(text)) > 200:
+            raise _ApiError(400, "Bad Request: MESSAGE_TOO_LONG")
+        self._queries[query] = True
+        show_alert = params.get("show_alert") in (True, "true")
+        self.answers.append(CallbackAnswer(query, None if text is None else str(text), show_alert, params))
+        return True
 
     async def _delete_message(self, params: JSONDict) -> bool:
         state = self._target_chat(params)
@@ -1699,6 +1794,8 @@ class FakeTelegramAPI:
 
     def _register_chat(self, chat: JSONDict) -> _ChatState:
         state = _ChatState(chat)
+        if chat.get("is_forum"):
+            state.next_message_id = 2  # 1 is the General topic's: a created topic never gets it
         self._chats[chat["id"]] = state
         return state
 
@@ -1972,6 +2069,20 @@ class FakeTelegramAPI:
             entry.delivered = True
             batch.append(entry.update)
         return batch
+
+
+def _inline_keyboard(params: JSONDict) -> JSONDict | None:
+    """The ``reply_markup`` an edit or send asks for, when it is an inline keyboard with buttons (an
+    empty one removes the keyboard, as does none)."""
+    markup = params.get("reply_markup")
+    if not isinstance(markup, dict) or not isinstance(markup.get("inline_keyboard"), list):
+        return None
+    for row in markup["inline_keyboard"]:
+        for button in row:
+            data = button.get("callback_data")
+            if data is not None and not 1 <= len(str(data).encode()) <= 64:
+                raise _ApiError(400, "Bad Request: BUTTON_DATA_INVALID")
+    return markup if any(markup["inline_keyboard"]) else None
 
 
 def _copy(value: JSONDict) -> JSONDict:
