@@ -361,3 +361,32 @@ def test_a_follow_up_on_the_embedded_model_hits_the_cache_with_the_same_text() -
     assert texts[True] == texts[False]
     assert cached[False] == [0, 0]
     assert cached[True][0] == 0 and cached[True][1] > 20
+
+
+def test_a_burst_of_follow_ups_is_prefilled_in_one_forward(run_engine, reference: Reference, monkeypatch) -> None:  # noqa: ANN001
+    """Follow-ups of several conversations arriving together, each from its own cached prefix (of
+    different lengths, with rests of different lengths), go through one forward and give exactly
+    the greedy text of `generate()` on the whole prompt."""
+    groups: list[list[int]] = []
+    prefill_cached = DecodeBatch.prefill_cached
+
+    def record(self: DecodeBatch, rows) -> None:  # noqa: ANN001
+        groups.append([row.job.job_id for row in rows])
+        prefill_cached(self, rows)
+
+    monkeypatch.setattr(DecodeBatch, "prefill_cached", record)
+    engine, recorder = run_engine()
+    firsts = {1: chat("What is a lighthouse for?"), 2: chat(LONG_QUESTION), 3: chat("Hi.", system="Be terse.")}
+    for job_id, messages in firsts.items():
+        engine.submit(job_id, tuple(messages), greedy(6))
+        recorder.wait_done(job_id)
+    questions = {1: "Why?", 2: "And which item is the most important, and why do you think so?", 3: "Ok."}
+    follow_ups = {job_id + 10: follow_up(firsts[job_id], recorder.text(job_id), q) for job_id, q in questions.items()}
+    with engine._wakeup:  # all three wait before the engine looks: they arrive as one burst
+        for job_id, messages in follow_ups.items():
+            engine.submit(job_id, tuple(messages), greedy(7))
+    done = recorder.wait_done(*follow_ups)
+    for job_id, messages in follow_ups.items():
+        assert recorder.text(job_id) == reference.greedy(messages, 7), job_id
+        assert done[job_id].result.cached_tokens > 0
+    assert sorted(groups[-1]) == [11, 12, 13], groups

@@ -226,6 +226,43 @@ class DecodeBatch:
         self._join([row], cache, attention, positions[:, -1:], logits)
         return True
 
+    def prefill_cached(self, rows: list[Row]) -> None:
+        """Prefill the rest of several rows that start from cached prefixes (each `row.cache`,
+        holding its first `row.prefilled` prompt tokens) in one forward, and add them to the batch:
+        a burst of follow-up questions reads the weights once, not once per conversation. Every row
+        feeds the same number of tokens, the most any of them still needs; a row that needs fewer
+        leaves that many of its cached columns out and feeds those tokens again, so each row's
+        tokens stay contiguous (right-aligned, left-padded), as the batch keeps them."""
+        engine = self.engine
+        device = engine.device
+        span = max(len(row.prompt_ids) - row.prefilled for row in rows)
+        kept = [max(0, len(row.prompt_ids) - span) for row in rows]  # cached columns each row keeps
+        width = max(kept)
+        cache = GrowingCache(config=engine.model.config)
+        if width:
+            for index, layer in enumerate(cache.layers):
+                keys, values = [], []
+                for row, columns in zip(rows, kept, strict=True):
+                    assert row.cache is not None
+                    source = row.cache.layers[index]
+                    keys.append(_left_pad(source.keys[:, :, :columns], width - columns, -2))
+                    values.append(_left_pad(source.values[:, :, :columns], width - columns, -2))
+                layer.update(torch.cat(keys), torch.cat(values))
+        input_ids = torch.full((len(rows), span), engine.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width + span), dtype=torch.long)
+        for index, (row, columns) in enumerate(zip(rows, kept, strict=True)):
+            fed = row.prompt_ids[columns:]
+            input_ids[index, span - len(fed) :] = torch.tensor(fed, dtype=torch.long)
+            attention[index, width - columns : width] = 1
+            attention[index, width + span - len(fed) :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, width:].to(device)
+        attention = attention.to(device)
+        logits = self._forward(input_ids.to(device), attention, positions, cache)
+        for row in rows:
+            row.cache = None
+            row.length = row.prefilled = len(row.prompt_ids)
+        self._join(rows, cache, attention, positions[:, -1:], logits)
+
     def _join(
         self, rows: list[Row], cache: DynamicCache, attention: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor
     ) -> None:

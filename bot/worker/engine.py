@@ -322,7 +322,10 @@ class Engine:
         while queue and budget > 0:
             row = queue[0]
             group: list[Row] = []
-            if row.cache is None and (len(row.prompt_ids) <= budget or not self._splices):
+            cached = self._cached_group(budget)
+            if cached:
+                group = cached
+            elif row.cache is None and (len(row.prompt_ids) <= budget or not self._splices):
                 width = 0
                 for other in queue:
                     grown = max(width, len(other.prompt_ids))
@@ -334,7 +337,14 @@ class Engine:
             try:
                 began = time.perf_counter()
                 with torch.inference_mode():
-                    if group:
+                    if cached:
+                        for _ in group:
+                            queue.popleft()
+                        tokens = len(group) * max(len(r.prompt_ids) - r.prefilled for r in group)
+                        budget -= tokens
+                        self.stats.prefill_slices += 1
+                        batch.prefill_cached(group)
+                    elif group:
                         for _ in group:
                             queue.popleft()
                         tokens = len(group) * width
@@ -354,13 +364,30 @@ class Engine:
                     row.cache = None
                     self._fail(row.job.job_id, f"generation failed: {type(exc).__name__}: {exc}")
 
+    def _cached_group(self, budget: int) -> list[Row]:
+        """The rows at the front of the prefill queue that start from a cached prefix and whose
+        rests fit `budget` together (each counted at the longest rest among them): prefilled in
+        one forward (`DecodeBatch.prefill_cached`). Empty unless there are two or more (a single
+        row, or a rest over the budget, goes by `prefill_slice`)."""
+        group: list[Row] = []
+        span = 0
+        for row in self._prefilling:
+            if row.cache is None:
+                break
+            longest = max(span, len(row.prompt_ids) - row.prefilled)
+            if (len(group) + 1) * longest > budget:
+                break
+            group.append(row)
+            span = longest
+        return group if len(group) > 1 else []
+
     def _slice_tokens(self) -> int:
         """Prompt tokens to prefill in this step while rows decode: about `_SLICE_STEPS` decode
         steps' worth of time at the measured prefill speed, within [`_LEAST_SLICE`,
-        `prefill_chunk_tokens`] (the least until both speeds are measured)."""
-        least = min(_LEAST_SLICE, self.prefill_chunk_tokens)
+        `prefill_chunk_tokens`] (the most until both speeds are measured)."""
         if self._step_seconds is None or self._token_seconds is None:
-            return least
+            return self.prefill_chunk_tokens
+        least = min(_LEAST_SLICE, self.prefill_chunk_tokens)
         return max(least, min(self.prefill_chunk_tokens, int(_SLICE_STEPS * self._step_seconds / self._token_seconds)))
 
     def _drop_prefill(self, row: Row) -> None:

@@ -22,8 +22,9 @@ from torch import nn
 
 __all__ = ["Int8Linear", "quantize_int8", "int8_supported", "INT8_MAX_ROWS"]
 
-INT8_MAX_ROWS = 4
-"""Forwards of at most this many rows (tokens) use the int8 weight; larger ones the bf16 weight."""
+INT8_MAX_ROWS = 5
+"""Forwards of at most this many rows (tokens) use the int8 weight; larger ones the bf16 weight. Five:
+a reply decoding alone, and its check of 4 draft tokens (`[worker] draft_tokens`) with the token before."""
 
 
 class Int8Linear(nn.Module):
