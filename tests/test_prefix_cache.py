@@ -390,3 +390,14 @@ def test_a_burst_of_follow_ups_is_prefilled_in_one_forward(run_engine, reference
         assert recorder.text(job_id) == reference.greedy(messages, 7), job_id
         assert done[job_id].result.cached_tokens > 0
     assert sorted(groups[-1]) == [11, 12, 13], groups
+
+
+def test_slices_are_sized_to_about_two_decode_steps(loaded: LoadedModel) -> None:
+    engine = Engine(loaded, lambda message: None, prefill_chunk_tokens=512)
+    assert engine._slice_tokens() == 512  # nothing measured yet: the configured most
+    engine._step_seconds, engine._token_seconds = 0.1, 0.002
+    assert engine._slice_tokens() == 100  # 2 x 0.1 s of prefill at 2 ms a token
+    engine._token_seconds = 0.1
+    assert engine._slice_tokens() == 32  # a slow prefill still progresses
+    engine._token_seconds = 1e-6
+    assert engine._slice_tokens() == 512  # a fast one never passes the configured most

@@ -97,8 +97,8 @@ class WorkerSettings:
     prefix_cache_mb: int = field(default=0, metadata=_range(0, 1_048_576))
     """The prefix cache's memory bound in MiB (0 = half the worker's KV-cache budget)."""
     prefill_chunk_tokens: int = field(default=512, metadata=_range(1, 1_048_576))
-    """While replies are generating, a new prompt is prefilled in slices between decode steps, each
-    taking about two decode steps' time and at most this many tokens."""
+    """While replies are generating, new prompts up to this many tokens together join at the next
+    decode step; a longer one is prefilled in slices of about two decode steps' time."""
     draft_tokens: int = field(default=4, metadata=_range(0, 64))
     """Prompt-lookup speculative decoding for a reply generating alone: draft tokens checked per step (0 = off)."""
 

@@ -105,10 +105,10 @@ class Engine:
     The prefix cache (`prefix_cache`, within `prefix_cache_bytes`, 0 = half the KV budget) keeps
     the KV of finished rows; a newcomer starts from the longest prefix of its prompt found there.
     Its bytes count against the same KV budget: admission evicts least recently used entries
-    before it holds a job for memory. A newcomer's prompt (the part not cached) is prefilled in
-    slices between decode steps while rows are decoding, each sized to take about `_SLICE_STEPS`
-    decode steps (both speeds measured as it runs) and at most `prefill_chunk_tokens`; with none
-    decoding, in one forward of up to `_PREFILL_TOKENS`. A row decoding alone checks up to
+    before it holds a job for memory. While rows are decoding, newcomers whose prompts (the parts
+    not cached) fit `prefill_chunk_tokens` together join at the next step; a longer prompt is
+    prefilled in slices between decode steps, each sized to take about `_SLICE_STEPS` decode steps
+    (both speeds measured as it runs); with none decoding, in one forward of up to `_PREFILL_TOKENS`. A row decoding alone checks up to
     `draft_tokens` prompt-lookup draft tokens per step (`bot.worker.speculate`).
 
     `ignore_eos` (benchmarks only, set through the protocol's `Configure`) makes every reply run to
@@ -310,10 +310,16 @@ class Engine:
         self._sync_prefix_stats()
 
     def _prefill(self, batch: DecodeBatch) -> None:
-        """This step's prefill: up to `prefill_chunk_tokens` prompt tokens while rows decode (else up
-        to `_PREFILL_TOKENS`); short fresh prompts together in one forward, others slice by slice
-        in their own cache. Rows whose whole prompt is in join the batch."""
-        budget = self._slice_tokens() if batch.rows else max(self.prefill_chunk_tokens, _PREFILL_TOKENS)
+        """This step's prefill: while rows decode, whole prompts (fresh ones together in one forward,
+        cached prompts' rests together in another) up to `prefill_chunk_tokens`, and of a longer
+        prompt one slice of `_slice_tokens`; with none decoding, up to `_PREFILL_TOKENS` at once.
+        Rows whose whole prompt is in join the batch."""
+        if batch.rows:
+            # Whole prompts (and cached prompts' rests) up to `prefill_chunk_tokens` join at once; a
+            # longer prompt goes in slices of about two decode steps' time, so streams keep flowing.
+            budget, slice_budget = self.prefill_chunk_tokens, self._slice_tokens()
+        else:
+            budget = slice_budget = max(self.prefill_chunk_tokens, _PREFILL_TOKENS)
         queue = self._prefilling
         for row in [row for row in queue if row.job.cancelled]:
             queue.remove(row)
@@ -351,8 +357,11 @@ class Engine:
                         budget -= tokens
                         batch.admit(group)
                     else:
-                        tokens = min(budget, len(row.prompt_ids) - row.prefilled)
+                        tokens = min(budget, slice_budget, len(row.prompt_ids) - row.prefilled)
+                        if tokens <= 0:
+                            break
                         budget -= tokens
+                        slice_budget -= tokens
                         self.stats.prefill_slices += 1
                         if batch.prefill_slice(row, tokens):
                             queue.popleft()
