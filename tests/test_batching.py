@@ -75,13 +75,13 @@ class Recorder:
 
 @pytest.fixture
 def run_engine(loaded: LoadedModel) -> Iterator[Callable[..., tuple[Engine, Recorder]]]:
-    """Start an engine on a thread: `run_engine(max_batch=..., kv_budget_bytes=...)`."""
+    """Start an engine on a thread: `run_engine(max_batch=..., **Engine keyword arguments)`."""
     started: list[tuple[Engine, threading.Thread]] = []
 
-    def start(max_batch: int = 8, kv_budget_bytes: int | None = None) -> tuple[Engine, Recorder]:
+    def start(max_batch: int = 8, **options: object) -> tuple[Engine, Recorder]:
         recorder = Recorder()
         model = replace(loaded, info=replace(loaded.info, max_batch=max_batch))
-        engine = Engine(model, recorder, kv_budget_bytes=kv_budget_bytes)
+        engine = Engine(model, recorder, **options)
         thread = threading.Thread(target=engine.run, daemon=True)
         thread.start()
         started.append((engine, thread))

@@ -9,9 +9,7 @@ random model runs in float32, so any wrong position, mask or KV slice shows up a
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -23,37 +21,8 @@ from bot.generation import protocol
 from bot.worker import Engine, LoadedModel, load_model
 from bot.worker.batch import DecodeBatch
 from bot.worker.prefix_cache import PrefixCache
-from tests.test_batching import Recorder, chat, greedy, submit_on_first_text
-from tests.tiny_model import Reference, embedded_gguf_folder, load_reference, tiny_settings
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> Reference:
-    return load_reference(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(tiny_settings(tiny_model_dir).model, WorkerSettings(max_batch=8))
-
-
-@pytest.fixture
-def run_engine(loaded: LoadedModel) -> Iterator[Callable[..., tuple[Engine, Recorder]]]:
-    """Start an engine on a thread: `run_engine(**Engine keyword arguments)`."""
-    started: list[tuple[Engine, threading.Thread]] = []
-
-    def start(max_batch: int = 8, **options: object) -> tuple[Engine, Recorder]:
-        recorder = Recorder()
-        engine = Engine(replace(loaded, info=replace(loaded.info, max_batch=max_batch)), recorder, **options)
-        thread = threading.Thread(target=engine.run, daemon=True)
-        thread.start()
-        started.append((engine, thread))
-        return engine, recorder
-
-    yield start
-    for engine, thread in started:
-        engine.stop()
-        thread.join(30)
+from tests.test_batching import Recorder, chat, greedy, loaded, reference, run_engine, submit_on_first_text  # noqa: F401
+from tests.tiny_model import Reference, embedded_gguf_folder
 
 
 def follow_up(messages: list[ChatMessage], answer: str, question: str) -> list[ChatMessage]:

@@ -11,7 +11,6 @@ repeat what it quotes, shows real prompt-lookup drafts kept.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
