@@ -26,6 +26,7 @@ class Oracle:
 
     replies: dict[tuple[int, ...], list[int]] = {}  # prompt ids -> greedy reply ids
     wrong_every = 3
+    wrong_index: int | None = None  # which token of a draft is made wrong (None: call % count)
 
     def __init__(self, tokens: list[int]) -> None:
         self.tokens = list(tokens)
@@ -42,7 +43,7 @@ class Oracle:
         at = len(self.tokens) - len(self.prompt)
         proposal = list(self.reply[at : at + count]) + [7] * max(0, count - len(self.reply[at:]))
         if self.calls % self.wrong_every == 0 and proposal:
-            index = self.calls % len(proposal)
+            index = self.calls % len(proposal) if self.wrong_index is None else self.wrong_index
             proposal[index] = (proposal[index] + 1) % 1000
         return proposal
 
@@ -52,6 +53,8 @@ def oracle(monkeypatch: pytest.MonkeyPatch) -> type[Oracle]:
     import bot.worker.batch
 
     monkeypatch.setattr(Oracle, "replies", {})
+    monkeypatch.setattr(Oracle, "wrong_every", Oracle.wrong_every)
+    monkeypatch.setattr(Oracle, "wrong_index", None)
     monkeypatch.setattr(bot.worker.batch, "NgramIndex", Oracle)
     return Oracle
 
@@ -123,6 +126,15 @@ def test_a_reply_joined_mid_stream_keeps_its_text(run_engine, reference: Referen
     assert recorder.text(1) == reference.greedy(first, 60)
     assert recorder.text(2) == reference.greedy(second, 20)
     assert engine.stats.admitted_mid_batch >= 1 and engine.stats.draft_accepted > 0
+
+
+def test_a_reply_whose_drafts_are_wrong_stops_drafting(loaded: LoadedModel, reference: Reference, oracle: type[Oracle]) -> None:
+    oracle.wrong_every, oracle.wrong_index = 1, 0  # every draft wrong from its first token
+    expect(oracle, reference, chat(QUESTIONS[0]), 60)
+    engine, recorder = _engine_run(loaded, 4, QUESTIONS[:1], 60)
+    assert recorder.text(1) == reference.greedy(chat(QUESTIONS[0]), 60)
+    assert engine.stats.draft_accepted == 0
+    assert engine.stats.draft_tokens == 16  # judged after 16, then no more drafts for this reply
 
 
 def test_sampled_replies_stay_within_their_length(loaded: LoadedModel, reference: Reference, oracle: type[Oracle]) -> None:

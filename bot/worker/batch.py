@@ -23,6 +23,11 @@ from bot.worker.speculate import NgramIndex
 
 __all__ = ["EngineJob", "Row", "Decoder", "DecodeBatch", "kv_bytes_per_token", "default_kv_budget_bytes", "can_splice"]
 
+# Prompt-lookup drafts of a reply: judged after this many tokens drafted, kept on only while at
+# least this share of them were right (see `Row.worth_drafting`).
+_DRAFTS_BEFORE_JUDGING = 16
+_LEAST_KEPT_SHARE = 0.35
+
 # The share of the memory free after loading that the KV cache may fill (see `default_kv_budget_bytes`).
 _KV_MEMORY_SHARE = 0.5
 
@@ -64,6 +69,16 @@ class Row:
     """Its next token, already drawn while checking a draft (speculative decoding); not yet fed."""
     ngrams: NgramIndex | None = None
     """Its prompt and fed tokens, indexed for prompt-lookup drafts (made when it first decodes alone)."""
+    drafted: int = 0
+    """Draft tokens checked for it so far, and of those the ones kept: a reply whose drafts are
+    mostly wrong stops drafting (`worth_drafting`)."""
+    kept: int = 0
+
+    @property
+    def worth_drafting(self) -> bool:
+        # A check of k drafts costs about 1 + k/3 decode steps on a CPU (more rows per forward);
+        # below ~35% of them kept it loses. Judged after a few drafts, for the rest of the reply.
+        return self.drafted < _DRAFTS_BEFORE_JUDGING or self.kept >= _LEAST_KEPT_SHARE * self.drafted
 
     @property
     def most_columns(self) -> int:
@@ -389,7 +404,11 @@ class DecodeBatch:
             row.ngrams = NgramIndex(row.prompt_ids + row.fed_ids[:-1])
         row.ngrams.add(token)
         settings = row.job.settings
-        draft = row.ngrams.draft(min(self.engine.draft_tokens, settings.max_new_tokens - row.completion_tokens))
+        draft = (
+            row.ngrams.draft(min(self.engine.draft_tokens, settings.max_new_tokens - row.completion_tokens))
+            if row.worth_drafting
+            else []
+        )
         assert self.attention is not None and self.positions is not None and self.cache is not None
         device = self.attention.device
         ids = torch.tensor([[token, *draft]], dtype=torch.long, device=device)
@@ -415,6 +434,8 @@ class DecodeBatch:
                 row.ngrams.add(proposed)
                 fed += 1
             self.engine.drafted(len(draft), kept)
+            row.drafted += len(draft)
+            row.kept += kept
             rejected = len(draft) + 1 - fed
             if rejected:
                 for layer in self.cache.layers:
