@@ -3,9 +3,11 @@
 A chat reply often repeats what is already in its prompt or in itself: a quoted line, a name, code
 being edited, a list being summarised. The draft is the continuation of the latest earlier
 occurrence of the last few tokens (an n-gram lookup, no second model); one forward pass checks all
-of it, and every draft token the model agrees with is a step saved. At batch 1 on a CPU a step
-reads every weight once whatever the number of tokens in it, so checking 4 drafts costs about
-as much as decoding 1.
+of it, and every draft token the model agrees with is a step saved. A step reads every weight
+once whatever the number of tokens in it, so in bf16 checking 4 drafts costs little more than
+decoding 1; the CPU int8 kernel (bot/worker/int8.py) does not reuse weights across rows, so there
+a check of 4 costs about 2.3 steps, and a reply whose drafts are mostly wrong stops drafting
+(`Row.worth_drafting` in bot/worker/batch.py).
 
 Exact for greedy and sampled replies alike: at each position the model's own choice is drawn
 from its distribution (argmax at temperature 0); a draft token is kept only when that choice
